@@ -1,0 +1,503 @@
+"""
+llama.py: a hand-written LLaMA decoder that loads Hugging Face safetensors checkpoints exactly.
+
+The model every method of this project reads its prompts with (TALLRec, CoLLM and CoRA keep it frozen):
+
+    h_0 = E[tokens]                     (or input embeddings, for CoLLM)
+    h'  = h + Attn(RMSNorm(h))          GQA attention, RoPE in the HF rotate-half layout, causal + padding mask
+    h   = h' + MLP(RMSNorm(h'))         SwiGLU: down(silu(gate(x)) * up(x))
+    logits = RMSNorm(h_L) W_lm^T        W_lm tied to E when the checkpoint has no lm_head.weight
+
+Low-rank deltas (one mechanism for LoRA and CoRA). Any projection p of any layer l may carry a pair (A, B):
+
+    y = x W^T + (x A^T) B^T             A: (r, d_in) or (B, r, d_in),  B: (d_out, r) or (B, d_out, r)
+
+A 2-D factor is shared by the whole batch (LoRA: ΔW = B A); a 3-D factor is per example (CoRA: each example
+gets its own W_c = B_b A_b). Either way the d_out x d_in matrix W + ΔW is never built: the increment costs
+two thin matmuls, O(B T r (d_in + d_out)) instead of O(B d_in d_out) to materialise per-example weights.
+Any scaling (LoRA's alpha/r) is folded into B by the caller.
+
+Deliberate choices:
+- Left padding. `Tokenizer.batch` pads on the left and `forward` derives position ids from the mask
+  (cumsum - 1), so every row's real tokens sit at positions 0..n-1 exactly as if run alone, and the last
+  column is every row's last prompt token: Yes/No scoring reads h[:, -1] without gathering.
+- Padded query rows may attend to themselves (the diagonal is always open). Their outputs are never read,
+  but a fully masked row would make SDPA return NaN, and NaN * 0 in the next layer's attention is NaN.
+- RoPE cos/sin are computed from per-row position ids on the fly (no cache): it is (B, T, head_dim/2) work.
+- `generate` is greedy without a KV cache: it is for sanity checks and teaching, not serving.
+- Loading reads the safetensors headers first (sizes, dtypes, offsets, key set, shapes) and names every
+  problem in one error before any tensor is read; the model is built on the meta device and the loaded
+  tensors are assigned in place, so the weights are never held twice.
+
+Run `python llama.py --ckpt DIR --prompt "..."` to generate, `python llama.py --bench [--ckpt DIR]` to time.
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJ = ("q", "k", "v", "o", "gate", "up", "down")  # the projections a delta may target
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as it is; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096                  # hidden_size
+    n_layers: int = 32               # num_hidden_layers
+    n_heads: int = 32                # num_attention_heads
+    n_kv_heads: int | None = None    # num_key_value_heads (GQA); None = n_heads
+    head_dim: int | None = None      # None = dim // n_heads
+    hidden_dim: int = 11008          # intermediate_size (SwiGLU width)
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or llama3-style {"rope_type": "llama3", "factor", ...}
+    max_seq_len: int = 2048          # max_position_embeddings
+    tie_word_embeddings: bool = False
+    bos_id: int | None = 1
+    eos_id: int | None = 2
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_config(cls, path):
+        """Build from a HF config.json (a folder or the file itself)."""
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no config.json; point --llm at a Hugging Face LLaMA folder "
+                                  f"(config.json + model.safetensors + tokenizer.model)")
+        try:
+            with open(path) as f:
+                c = json.load(f)
+            scaling = c.get("rope_scaling") or c.get("rope_parameters")
+            theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+            if kind not in ("default", "llama3"):
+                raise CheckpointError(f"{path}: rope_scaling type {kind!r} is not implemented (supported: none, "
+                                      f"'default', 'llama3'); use a checkpoint without it or add it to rope_freqs()")
+            eos = c.get("eos_token_id", 2)
+            return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                       n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
+                       hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
+                       norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+                       rope_scaling=scaling if kind == "llama3" else None,
+                       max_seq_len=c.get("max_position_embeddings", 2048),
+                       tie_word_embeddings=c.get("tie_word_embeddings", False), bos_id=c.get("bos_token_id"),
+                       eos_id=eos[0] if isinstance(eos, list) else eos)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing required field {e.args[0]!r}") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+    def to_config(self):
+        """The HF config.json fields this class reads, so a saved folder loads in either world."""
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=self.dim,
+                    intermediate_size=self.hidden_dim, num_hidden_layers=self.n_layers,
+                    num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+                    vocab_size=self.vocab_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                    rope_scaling=self.rope_scaling, max_position_embeddings=self.max_seq_len,
+                    tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_id,
+                    eos_token_id=self.eos_id, hidden_act="silu")
+
+
+# ----------------------------------------------------------------------------- model
+
+def rope_freqs(args, device):
+    """inv_freq_j = theta^(-2j/hd), with llama3-style long-context scaling when the config asks for it."""
+    hd = args.head_dim
+    inv = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)  # (hd/2,)
+    if args.rope_scaling:  # Llama 3.1: divide low frequencies by `factor`, keep high ones, blend in between
+        s = args.rope_scaling
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, blended, scaled)
+    return inv
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def project(linear, x, delta, dropout=0.0, training=False):
+    """y = x W^T + (dropout(x) A^T) B^T, with shared (2-D) or per-example (3-D) factors."""
+    y = linear(x)                                                       # (B, T, d_out)
+    if delta is None:
+        return y
+    A, B = delta                                                        # (r, d_in) | (B, r, d_in); (d_out, r) | (B, d_out, r)
+    x = F.dropout(x, dropout, training) if dropout else x
+    return y + (x @ A.mT) @ B.mT                                        # (B, T, r) @ (.., r, d_out)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in (at least) fp32 as HF does, scale in the model dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, deltas, p):
+        B, T, _ = x.shape
+        q = project(self.q_proj, x, deltas.get("q"), p, self.training).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k = project(self.k_proj, x, deltas.get("k"), p, self.training).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
+        v = project(self.v_proj, x, deltas.get("v"), p, self.training).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # (B, H, T, hd), (B, KV, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), deltas.get("o"), p, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=False)
+
+    def forward(self, x, deltas, p):
+        g = project(self.gate_proj, x, deltas.get("gate"), p, self.training)
+        u = project(self.up_proj, x, deltas.get("up"), p, self.training)
+        return project(self.down_proj, F.silu(g) * u, deltas.get("down"), p, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
+        self.self_attn, self.mlp = Attention(a), MLP(a)
+
+    def forward(self, h, cos, sin, attn_mask, deltas, p):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, deltas, p)
+        return h + self.mlp(self.post_attention_layernorm(h), deltas, p)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens=None, mask=None, *, embeds=None, deltas=None, delta_dropout=0.0,
+                last_only=False, token_ids=None, return_hidden=False):
+        """tokens (B, T) or embeds (B, T, d); mask (B, T) 1 = real token, left padding; deltas {(layer, proj): (A, B)}.
+        Returns logits (B, T, V); with last_only the last position only (B, V); with token_ids only those
+        vocabulary rows (B, [T,] n); with return_hidden the final-normed hidden states instead of logits."""
+        h = self.embed_tokens(tokens) if embeds is None else embeds            # (B, T, d)
+        B, T, _ = h.shape
+        if mask is None:
+            pos, attn_mask = torch.arange(T, device=h.device).expand(B, T), None
+        else:
+            mask = mask.bool()
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                    # (B, T): 0 at each row's first real token
+            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=h.device)
+            attn_mask = (causal & mask[:, None, None, :]) | eye                # (B, 1, T, T)
+        freqs = pos[..., None].float() * rope_freqs(self.args, h.device)     # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), -1)[:, None]                          # (B, 1, T, hd) rotate-half layout
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        per_layer = [{} for _ in self.layers]
+        for (layer, proj), ab in (deltas or {}).items():
+            per_layer[layer][proj] = ab
+        for layer, d in zip(self.layers, per_layer):
+            h = layer(h, cos, sin, attn_mask, d, delta_dropout)
+        if last_only:
+            h = h[:, -1]                                                       # (B, d): left padding puts every row's last token here
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        W = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]  # (V or n, d)
+        return F.linear(h, W)
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, eos_id=None):
+        """Greedy decoding of one unpadded prompt (1, T) -> (1, T + n)."""
+        for _ in range(max_new_tokens):
+            nxt = self(tokens, last_only=True).argmax(-1, keepdim=True)     # (1, 1)
+            tokens = torch.cat((tokens, nxt), 1)
+            if eos_id is not None and nxt.item() == eos_id:
+                break
+        return tokens
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """sentencepiece tokenizer.model with LLaMA's BOS/EOS convention and left-padded batches."""
+
+    def __init__(self, path, add_bos=None):
+        import sentencepiece as spm
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        path = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no tokenizer.model (a sentencepiece model) in the checkpoint folder; "
+                                  f"copy the model's tokenizer.model there")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from None
+        self.path, self.n_words = path, self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = max(self.sp.pad_id(), 0)  # padded positions are masked, any valid id will do
+        if add_bos is None:  # tokenizer_config.json decides; else LLaMA's "<s>" convention
+            cfg = os.path.join(folder, "tokenizer_config.json")
+            add_bos = json.load(open(cfg)).get("add_bos_token") if os.path.isfile(cfg) else None
+            if add_bos is None:
+                add_bos = self.bos_id >= 0 and self.sp.id_to_piece(self.bos_id) == "<s>"
+        self.add_bos = bool(add_bos)
+
+    def encode(self, s, bos=None, eos=False):
+        ids = self.sp.encode(s)
+        return ([self.bos_id] if (self.add_bos if bos is None else bos) else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def batch(self, seqs, device="cpu"):
+        """Texts or id lists -> left-padded tokens (B, T) and mask (B, T)."""
+        seqs = [self.encode(s) if isinstance(s, str) else list(s) for s in seqs]
+        T = max(map(len, seqs))
+        tokens = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, T - len(s):], mask[i, T - len(s):] = torch.tensor(s, dtype=torch.long), 1
+        return tokens.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_header(path):
+    """Parse and validate a safetensors header without reading tensor data: {name: (dtype, shape)}."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if n is None or n > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, t in header.items():
+        begin, end = t["data_offsets"]
+        nbytes = math.prod(t["shape"]) * _ST_DTYPES.get(t["dtype"], 0)
+        if t["dtype"] not in _ST_DTYPES or end - begin != nbytes or end > size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name!r} ({t['dtype']}, {t['shape']}) claims bytes {begin}..{end} "
+                                  f"but the file holds {size - 8 - n} data bytes: the file is truncated or corrupted")
+        out[name] = (t["dtype"], tuple(t["shape"]))
+    return out
+
+
+def checkpoint_files(folder):
+    """{tensor name: file} for model.safetensors or a sharded model.safetensors.index.json."""
+    index, single = os.path.join(folder, "model.safetensors.index.json"), os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        return {k: single for k in read_header(single)}
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                          f"weights are read, never pickles); convert the checkpoint to safetensors first")
+
+
+def load_llama(folder, dtype=torch.float32, device="cpu"):
+    """Load a HF LLaMA folder strictly: every missing/unexpected key and shape mismatch in one error."""
+    args = ModelArgs.from_config(folder)
+    files = checkpoint_files(folder)
+    headers = {f: read_header(f) for f in sorted(set(files.values()))}
+    found = {k.removeprefix("model."): headers[f][k][1] for k, f in files.items() if k in headers[f]}
+    args.tie_word_embeddings = args.tie_word_embeddings or "lm_head.weight" not in found
+    with torch.device("meta"):
+        model = Llama(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        found.pop("lm_head.weight", None)  # HF ties and ignores a stored head in this case too
+    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
+    problems = [f"missing key {k} {s}" for k, s in expected.items() if k not in found]
+    problems += [f"unexpected key {k} {s}" for k, s in found.items() if k not in expected]
+    problems += [f"listed in the index but absent from {f}: {k}" for k, f in files.items() if k not in headers[f]]
+    problems += [f"shape mismatch {k}: file {found[k]} vs config {s}" for k, s in expected.items()
+                 if k in found and found[k] != s]
+    if problems:
+        raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+    from safetensors import safe_open
+    sd = {}
+    for f in headers:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for k in st.keys():
+                name = k.removeprefix("model.")
+                if name in expected:
+                    sd[name] = st.get_tensor(k).to(device=device, dtype=dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def save_llama(model, folder, tokenizer_path=None):
+    """Write config.json + model.safetensors (HF names), atomically; copy a tokenizer.model if given."""
+    from safetensors.torch import save_file
+    import shutil
+    os.makedirs(folder, exist_ok=True)
+    sd = {("" if k == "lm_head.weight" else "model.") + k: v.contiguous() for k, v in model.state_dict().items()
+          if not (k == "lm_head.weight" and model.args.tie_word_embeddings)}
+    tmp = os.path.join(folder, ".model.safetensors.tmp")
+    save_file(sd, tmp)
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.args.to_config(), f, indent=1)
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
+    """A small random LLaMA + a sentencepiece tokenizer trained on `texts`, saved as a HF folder.
+    The weights are untrained: runs on it exercise the mechanics, not the paper's results."""
+    import io
+    import sentencepiece as spm
+    os.makedirs(folder, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, num_threads=1, minloglevel=2, random_seed=seed)
+    tok_path = os.path.join(folder, "tokenizer.model")
+    with open(tok_path, "wb") as f:
+        f.write(buf.getvalue())
+    args = ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=512,
+                               tie_word_embeddings=True), **shape, "vocab_size": vocab_size})
+    torch.manual_seed(seed)
+    model = Llama(args)
+    for n, p in model.named_parameters():
+        nn.init.normal_(p, std=0.02) if p.dim() == 2 else nn.init.ones_(p)
+    save_llama(model, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, reps):
+    import time
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _bench_case(case, ckpt, B, T, reps, out):
+    """Runs in a fresh process so that ru_maxrss is this case's peak alone."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    if case == "merge-delta" or case == "merge-materialised":  # one d x d projection, per-example rank-r increments
+        d, r = 2048, 8
+        x, W = torch.randn(B, T, d), torch.randn(d, d) / d ** 0.5
+        A, Bf = torch.randn(B, r, d) / d ** 0.5, torch.randn(B, d, r) / r ** 0.5
+        if case == "merge-delta":
+            fn = lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT
+        else:
+            fn = lambda: torch.bmm(x, (W + Bf @ A).mT)  # (B, d, d) materialised per example
+    else:
+        model = load_llama(ckpt)
+        base = _peak_rss_mb()
+        tokens = torch.randint(0, model.args.vocab_size, (B, T))
+        a, r = model.args, 8
+        lora = {(l, p): (torch.zeros(r, a.dim).normal_(0, 0.02).requires_grad_(),
+                         torch.zeros(a.n_heads * a.head_dim if p == "q" else a.n_kv_heads * a.head_dim, r).requires_grad_())
+                for l in range(a.n_layers) for p in ("q", "v")}
+        if case == "forward":
+            fn = lambda: torch.no_grad()(model)(tokens, last_only=True)
+        else:
+            fn = lambda: model(tokens, deltas=lora, last_only=True).sum().backward()
+    base = _peak_rss_mb() if case.startswith("merge") else base
+    sec = _time(fn, reps)
+    out.put((case, sec, _peak_rss_mb() - base))
+
+
+def bench(ckpt, B=8, T=160, reps=3):
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    res = {}
+    for case in ["forward", "forward+backward (LoRA q,v r=8)", "merge-delta", "merge-materialised"]:
+        if ckpt is None and not case.startswith("merge"):
+            continue
+        q = ctx.Queue()
+        p = ctx.Process(target=_bench_case, args=(case, ckpt, B, T, reps, q))
+        p.start()
+        c, sec, mb = q.get()
+        p.join()
+        res[c] = (sec, mb)
+        extra = f"{B * T / sec:9.0f} tokens/s" if not c.startswith("merge") else f"{B / sec:9.1f} examples/s"
+        print(f"{c:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB")
+    if "merge-delta" in res:
+        (t1, m1), (t2, m2) = res["merge-delta"], res["merge-materialised"]
+        print(f"per-example delta vs materialised merge (d=2048, r=8, B={B}, T={T}): "
+              f"{t2 / t1:.1f}x faster, {m2 / max(m1, 1e-9):.1f}x less peak memory")
+    return res
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--ckpt", help="HF LLaMA folder (config.json, model.safetensors, tokenizer.model)")
+    ap.add_argument("--prompt", default="The movie Toy Story (1995) is about")
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--bench", action="store_true", help="time forward / LoRA backward / per-example merge")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=160)
+    a = ap.parse_args()
+    if a.bench:
+        bench(a.ckpt, a.batch, a.seq)
+    elif not a.ckpt:
+        ap.error("--ckpt DIR is required to generate")
+    else:
+        tok, model = Tokenizer(a.ckpt), load_llama(a.ckpt)
+        out = model.generate(torch.tensor([tok.encode(a.prompt)]), a.max_new_tokens, tok.eos_id)
+        print(tok.decode(out[0].tolist()))
