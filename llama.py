@@ -402,12 +402,13 @@ def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
                                    model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
-                                   pad_id=-1, num_threads=1, minloglevel=2, random_seed=seed)
+                                   pad_id=-1, num_threads=1, minloglevel=2, hard_vocab_limit=False)
     tok_path = os.path.join(folder, "tokenizer.model")
     with open(tok_path, "wb") as f:
         f.write(buf.getvalue())
+    n_words = Tokenizer(tok_path).n_words  # may be below vocab_size for a small corpus
     args = ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=512,
-                               tie_word_embeddings=True), **shape, "vocab_size": vocab_size})
+                               tie_word_embeddings=True), **shape, "vocab_size": n_words})
     torch.manual_seed(seed)
     model = Llama(args)
     for n, p in model.named_parameters():
@@ -432,53 +433,63 @@ def _time(fn, reps):
     return (time.perf_counter() - t) / reps
 
 
-def _bench_case(case, ckpt, B, T, reps, out):
-    """Runs in a fresh process so that ru_maxrss is this case's peak alone."""
+def _measure_child(build, args, reps, out):
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    if case == "merge-delta" or case == "merge-materialised":  # one d x d projection, per-example rank-r increments
-        d, r = 2048, 8
-        x, W = torch.randn(B, T, d), torch.randn(d, d) / d ** 0.5
-        A, Bf = torch.randn(B, r, d) / d ** 0.5, torch.randn(B, d, r) / r ** 0.5
-        if case == "merge-delta":
-            fn = lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT
-        else:
-            fn = lambda: torch.bmm(x, (W + Bf @ A).mT)  # (B, d, d) materialised per example
-    else:
-        model = load_llama(ckpt)
-        base = _peak_rss_mb()
-        tokens = torch.randint(0, model.args.vocab_size, (B, T))
-        a, r = model.args, 8
-        lora = {(l, p): (torch.zeros(r, a.dim).normal_(0, 0.02).requires_grad_(),
-                         torch.zeros(a.n_heads * a.head_dim if p == "q" else a.n_kv_heads * a.head_dim, r).requires_grad_())
-                for l in range(a.n_layers) for p in ("q", "v")}
-        if case == "forward":
-            fn = lambda: torch.no_grad()(model)(tokens, last_only=True)
-        else:
-            fn = lambda: model(tokens, deltas=lora, last_only=True).sum().backward()
-    base = _peak_rss_mb() if case.startswith("merge") else base
-    sec = _time(fn, reps)
-    out.put((case, sec, _peak_rss_mb() - base))
+    step = build(*args)                     # set-up (weights, inputs) is not counted in the peak
+    base = _peak_rss_mb()
+    sec = _time(step, reps)
+    out.put((sec, _peak_rss_mb() - base))
 
 
-def bench(ckpt, B=8, T=160, reps=3):
+def measure(build, *args, reps=3):
+    """(seconds per call, peak MB above set-up) of the step `build(*args)` returns, in a fresh process so that
+    the process's max RSS is this case's peak alone. `build` must be a module-level function."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure_child, args=(build, args, reps, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def _bench_step(case, ckpt, B, T):
+    if case.startswith("merge"):  # one d x d projection with per-example rank-r increments
+        d, r = 2048, 8
+        x, W = torch.randn(B, T, d), torch.randn(d, d) / d ** 0.5
+        train = case.endswith("train")
+        A = (torch.randn(B, r, d) / d ** 0.5).requires_grad_(train)
+        Bf = (torch.randn(B, d, r) / r ** 0.5).requires_grad_(train)
+        if case.startswith("merge-delta"):
+            f = lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT
+        else:
+            f = lambda: torch.bmm(x, (W + Bf @ A).mT)  # (B, d, d) materialised per example
+        return (lambda: f().square().mean().backward()) if train else torch.no_grad()(f)
+    model = load_llama(ckpt)
+    a, r = model.args, 8
+    tokens = torch.randint(0, a.vocab_size, (B, T))
+    if case == "forward":
+        return lambda: torch.no_grad()(model)(tokens, last_only=True)
+    lora = {(l, p): (torch.randn(r, a.dim).mul(0.02).requires_grad_(),
+                     torch.zeros(a.n_heads * a.head_dim if p == "q" else a.n_kv_heads * a.head_dim, r).requires_grad_())
+            for l in range(a.n_layers) for p in ("q", "v")}
+    return lambda: model(tokens, deltas=lora, last_only=True).sum().backward()
+
+
+def bench(ckpt, B=8, T=160):
     res = {}
-    for case in ["forward", "forward+backward (LoRA q,v r=8)", "merge-delta", "merge-materialised"]:
+    for case in ["forward", "forward+backward (LoRA q,v r=8)", "merge-delta", "merge-materialised",
+                 "merge-delta train", "merge-materialised train"]:
         if ckpt is None and not case.startswith("merge"):
             continue
-        q = ctx.Queue()
-        p = ctx.Process(target=_bench_case, args=(case, ckpt, B, T, reps, q))
-        p.start()
-        c, sec, mb = q.get()
-        p.join()
-        res[c] = (sec, mb)
-        extra = f"{B * T / sec:9.0f} tokens/s" if not c.startswith("merge") else f"{B / sec:9.1f} examples/s"
-        print(f"{c:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB")
-    if "merge-delta" in res:
-        (t1, m1), (t2, m2) = res["merge-delta"], res["merge-materialised"]
-        print(f"per-example delta vs materialised merge (d=2048, r=8, B={B}, T={T}): "
+        sec, mb = res[case] = measure(_bench_step, case, ckpt, B, T)
+        extra = f"{B * T / sec:9.0f} tokens/s" if not case.startswith("merge") else f"{B / sec:9.1f} examples/s"
+        print(f"{case:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB")
+    for mode in ("", " train"):
+        (t1, m1), (t2, m2) = res["merge-delta" + mode], res["merge-materialised" + mode]
+        print(f"per-example delta vs materialised merge{mode or ' forward'} (d=2048, r=8, B={B}, T={T}): "
               f"{t2 / t1:.1f}x faster, {m2 / max(m1, 1e-9):.1f}x less peak memory")
     return res
 

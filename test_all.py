@@ -3,17 +3,25 @@ test_all.py: the specification. Differential tests against independent naive ref
 (explicit per-head loops, per-example materialised weights) and golden values from ../shared.
 Large init scale (std ~0.3) so that layout bugs show. Run: python -m pytest -q test_all.py
 """
+import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import cf
+import collm
+import cora
+import data
 import llama
 from llama import CheckpointError, Llama, ModelArgs, Tokenizer, load_llama, save_llama
 
@@ -280,3 +288,538 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path, what):
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         Tokenizer(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- data.py / cf.py
+
+ML1M = os.environ.get("CORA_ML1M") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "../shared/data/ml-1m")
+needs_ml1m = pytest.mark.skipif(not os.path.isfile(os.path.join(ML1M, "train.tsv")), reason=f"no ML-1M TSVs in {ML1M}")
+
+
+def _unix(day):
+    """'2001-06-05' -> unix seconds at noon UTC."""
+    return int(np.datetime64(f"{day}T12:00:00", "s").astype(np.int64))
+
+
+def _pairwise_auc(labels, scores):
+    """Naive O(n^2) AUC: P(score_pos > score_neg) + 0.5 P(tie)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+
+
+def _tiny_dataset(kind="movie", n_history=2):
+    rows = data.Interactions(np.array([1, 1]), np.array([1, 2]), np.array([1.0, 0.0], np.float32),
+                             np.array([10, 20]), [np.array([], np.int64), np.array([1])], np.array([True, True]))
+    titles = ["", "Heat (1995)", " Up (2009) ", "Fargo (1996)"]
+    return data.Dataset("tiny", kind, 2, 4, titles, rows, rows, rows, n_history=n_history)
+
+
+class _OneThread:
+    """Small CPU models run fastest on one thread of a shared machine; restore the setting afterwards."""
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+# ----------------------------------------------------------------------------------------------------------- metrics
+
+def test_auc_hand_values_with_ties():
+    assert cf.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    # pos {0.5, 0.9} vs neg {0.5, 0.2}: tie 0.5 + 1 + 1 + 1 = 3.5 of 4 pairs
+    assert cf.auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
+    assert cf.auc([1, 0, 1, 0], [3.0, 3.0, 3.0, 3.0]) == pytest.approx(0.5)
+    assert cf.auc([1, 0], [0.0, 1.0]) == pytest.approx(0.0)
+
+
+def test_auc_matches_pairwise_and_raises_on_one_class():
+    rng = np.random.default_rng(0)
+    for n in (7, 50, 400):
+        labels = rng.integers(0, 2, n)
+        scores = np.round(rng.normal(size=n), 1)              # many ties
+        assert cf.auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        cf.auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        cf.auc([0, 1], [0.1, np.nan])
+
+
+def test_uauc_hand_values():
+    uids = np.array([4, 1, 1, 2, 2, 2, 3, 3])
+    labels = np.array([1, 1, 0, 1, 0, 0, 1, 1])
+    scores = np.array([0.3, 0.9, 0.1, 0.2, 0.5, 0.2, 0.4, 0.6])
+    # user 1: 1.0; user 2: pos 0.2 vs negs {0.5, 0.2} = (0 + 0.5) / 2 = 0.25; user 3 one class, user 4 one row
+    value, used, skipped = cf.uauc(uids, labels, scores)
+    assert (value, used, skipped) == (pytest.approx(0.625), 2, 2)
+    with pytest.raises(ValueError, match="no user"):
+        cf.uauc([1, 2], [1, 0], [0.3, 0.4])
+
+
+def test_uauc_matches_per_user_loop():
+    rng = np.random.default_rng(1)
+    uids, labels = rng.integers(0, 40, 600), rng.integers(0, 2, 600)
+    scores = np.round(rng.normal(size=600), 1)
+    per_user = [_pairwise_auc(labels[uids == u], scores[uids == u]) for u in np.unique(uids)
+                if 0 < labels[uids == u].sum() < (uids == u).sum()]
+    value, used, skipped = cf.uauc(uids, labels, scores)
+    assert value == pytest.approx(np.mean(per_user), abs=1e-12)
+    assert used == len(per_user) and used + skipped == len(np.unique(uids))
+
+
+def test_evaluate_warm_cold_and_undefined_subsets():
+    rows = data.Interactions(np.array([1, 1, 2, 2, 3]), np.array([1, 2, 1, 2, 3]),
+                             np.array([1, 0, 0, 1, 1], np.float32), np.arange(5), [np.array([], np.int64)] * 5,
+                             np.array([True, True, True, True, False]))
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.5])
+    out = cf.evaluate(rows, scores)
+    assert out["n"] == 5 and out["n_warm"] == 4 and out["n_cold"] == 1
+    assert out["auc"] == pytest.approx(_pairwise_auc(rows.label, scores))
+    # warm: pos {0.9, 0.2} vs neg {0.1, 0.8} -> 3 of 4 pairs; per user: 1.0 (user 1) and 0.0 (user 2)
+    assert out["warm_auc"] == pytest.approx(0.75) and out["warm_uauc"] == pytest.approx(0.5)
+    assert out["uauc"] == pytest.approx(0.5) and out["n_users_uauc"] == 2
+    assert out["cold_auc"] is None and out["cold_uauc"] is None      # one class: None, not a crash
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+
+def _write_ml1m_raw(folder):
+    movies = "10::Alpha (1990)::Drama\n20::Beta (1991)::Comedy\n30::Gamma (1992)::Action\n40::Amélie (2001)::Comedy\n"
+    ratings = [  # UserID, MovieID, Rating, day
+        (7, 10, 5, "2000-04-10"),   # month 0: sets the origin, dropped (< 14)
+        (9, 30, 4, "2001-06-05"),   # month 14: train
+        (5, 20, 3, "2001-07-01"),   # train, disliked
+        (5, 10, 5, "2001-06-20"),   # train
+        (5, 30, 5, "2001-05-31"),   # month 13: dropped
+        (5, 40, 4, "2002-05-01"),   # month 25: valid
+        (9, 20, 2, "2002-05-02"),   # valid
+        (5, 30, 1, "2002-10-01"),   # month 30: test
+        (9, 40, 5, "2002-10-01"),   # test; tied with the next row: movie 10 appeared first in this file -> it goes first
+        (5, 99, 5, "2002-06-01"),   # unknown movie: dropped by the inner join
+        (9, 10, 4, "2002-10-01"),   # test
+        (5, 20, 4, "2003-01-31"),   # month 33: test
+        (9, 10, 5, "2003-02-10"),   # month 34: dropped
+    ]
+    with open(os.path.join(folder, "movies.dat"), "w", encoding="latin-1") as f:
+        f.write(movies)
+    with open(os.path.join(folder, "ratings.dat"), "w", encoding="latin-1") as f:
+        f.writelines(f"{u}::{m}::{r}::{_unix(d)}\n" for u, m, r, d in ratings)
+    return os.path.join(folder, "ratings.dat"), os.path.join(folder, "movies.dat")
+
+
+def _assert_rows(rows, uid, iid, label, history, warm):
+    assert rows.uid.tolist() == uid and rows.iid.tolist() == iid and rows.label.tolist() == label
+    assert [h.tolist() for h in rows.history] == history and rows.warm.tolist() == warm
+    assert rows.uid.dtype == np.int64 and rows.label.dtype == np.float32 and rows.warm.dtype == bool
+
+
+def test_ml1m_raw_recipe_by_hand(tmp_path):
+    ds = data.ml1m_from_raw(*_write_ml1m_raw(str(tmp_path)))
+    # users 5 -> 1, 9 -> 2; items by first appearance in the (user, time) walk: 10 -> 1, 20 -> 2, 40 -> 3, 30 -> 4
+    assert (ds.n_users, ds.n_items, ds.kind, ds.n_history) == (3, 5, "movie", 10)
+    assert ds.titles == ["", "Alpha (1990)", "Beta (1991)", "Amélie (2001)", "Gamma (1992)"]
+    _assert_rows(ds.train, [1, 1, 2], [1, 2, 4], [1, 0, 1], [[], [1], []], [True, True, True])
+    _assert_rows(ds.valid, [1, 2], [3, 2], [1, 0], [[1], [4]], [False, True])
+    _assert_rows(ds.test, [1, 1, 2, 2], [4, 2, 1, 3], [0, 1, 1, 1], [[1, 3], [1, 3], [4], [4, 1]],
+                 [True, True, True, False])
+    assert ds.test.timestamp.tolist()[-2:] == [_unix("2002-10-01")] * 2
+    assert len(ds.valid_small) == 1 and ds.valid_small.iid[0] in ds.valid.iid      # a seeded half of valid
+    again = data.ml1m_from_raw(*_write_ml1m_raw(str(tmp_path)))
+    assert again.valid_small.iid.tolist() == ds.valid_small.iid.tolist()
+    prompt = data.build_prompt(ds, ds.test.history[3], ds.test.iid[3])
+    assert '"Gamma (1992)", "Alpha (1990)"' in prompt and 'movie titled "Amélie (2001)"' in prompt
+
+
+def _write_amazon_raw(folder):
+    meta = [{"asin": "B2", "title": "Book Two"}, {"asin": "B1", "title": "Book One (old)"},
+            {"asin": "B3", "title": "Book Three"}, {"asin": "B5"}, {"asin": "B1", "title": "Book One"},
+            {"asin": "B6", "title": "var d = new Date().getTime()"}, {"asin": "B4", "title": "Book Four"}]
+    reviews = [("U1", "B1", 5.0, "2017-01-10"), ("U2", "B1", 4.0, "2017-02-10"), ("U1", "B2", 5.0, "2017-03-10"),
+               ("U2", "B2", 5.0, "2017-12-05"), ("U1", "B3", 3.0, "2017-12-01"), ("U3", "B3", 5.0, "2017-04-01"),
+               ("U2", "B3", 5.0, "2017-12-20"), ("U1", "B1", 5.0, "2017-12-20"), ("U2", "B2", 2.0, "2017-05-01"),
+               ("U1", "B4", 5.0, "2017-06-01"), ("U2", "B4", 5.0, "2017-06-02"), ("U1", "B5", 5.0, "2017-06-03"),
+               ("U1", "B6", 5.0, "2017-06-04"), ("U2", "B7", 5.0, "2017-06-05"), ("U1", "B2", 5.0, "2016-12-31"),
+               ("U2", "B1", 5.0, "2018-01-02"), ("U2", "B1", 5.0, "2017-12-28")]
+    meta_path, reviews_path = os.path.join(folder, "meta_Books.json.gz"), os.path.join(folder, "Books_5.json")
+    with gzip.open(meta_path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(m) + "\n" for m in meta)
+    with open(reviews_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"reviewerID": u, "asin": a, "overall": r, "unixReviewTime": _unix(d),
+                                 "reviewText": "..."}) + "\n" for u, a, r, d in reviews)
+    return reviews_path, meta_path
+
+
+def test_amazon_recipe_on_generated_sample(tmp_path):
+    ds = data.amazon_book_from_raw(*_write_amazon_raw(str(tmp_path)), min_count=2)
+    # kept: titled 2017 rows of users and items with > 2 such rows, counted in one pass (U3's row keeps B3 at 3);
+    # numbered in the merged order (metadata order, last duplicate): B2 -> 1, B3 -> 2, B1 -> 3; U1 -> 1, U2 -> 2.
+    # December (5 rows) sorted by time: the first 2 are valid, the other 3 test.
+    assert (ds.n_users, ds.n_items, ds.kind, ds.n_history) == (3, 4, "book", 15)
+    assert ds.titles == ["", "Book Two", "Book Three", "Book One"]
+    _assert_rows(ds.train, [1, 1, 2, 2], [3, 1, 3, 1], [1, 1, 0, 0], [[], [3], [], []], [True] * 4)
+    _assert_rows(ds.valid, [1, 2], [2, 1], [0, 1], [[3, 1], []], [False, True])
+    _assert_rows(ds.test, [1, 2, 2], [3, 2, 3], [1, 1, 1], [[3, 1], [1], [1, 2]], [True, False, True])
+    assert data.prompts(ds, "test")[2].startswith(
+        '#Question: A user has given high ratings to the following books: "Book Two", "Book Three". Leverage')
+
+
+def test_toy_dataset_deterministic_schema_and_signal():
+    t0 = time.time()
+    ds = data.load_dataset("toy")
+    assert time.time() - t0 < 1.0
+    again = data.make_toy()
+    for split in ("train", "valid", "test", "valid_small"):
+        a, b = ds.split(split), again.split(split)
+        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("uid", "iid", "label", "timestamp", "warm"))
+        assert all(np.array_equal(x, y) for x, y in zip(a.history, b.history))
+        assert a.uid.dtype == a.iid.dtype == a.timestamp.dtype == np.int64 and a.label.dtype == np.float32
+        assert 0.4 < a.label.mean() < 0.6 and a.uid.min() >= 1 and a.iid.max() < ds.n_items
+    assert ds.titles == again.titles and ds.titles[0] == ""
+    assert all(re.fullmatch(r"The [A-Z][a-z]+ [A-Z][a-z]+ \(\d{4}\)", t) for t in ds.titles[1:])
+    assert 250 <= ds.n_users <= 301 and 150 <= ds.n_items <= 201
+    assert 10_000 < len(ds.train) + len(ds.valid) + len(ds.test) < 14_000
+    assert ds.train.warm.all() and 0 < ds.valid.warm.mean() < 1 and 0 < ds.test.warm.mean() < 1   # cold rows exist
+    assert ds.train.timestamp.max() < ds.valid.timestamp.min() and ds.valid.timestamp.max() < ds.test.timestamp.min()
+    # a history is the user's earlier liked items, oldest first
+    every = [ds.train, ds.valid, ds.test]
+    u, i, y, t = (np.concatenate([getattr(s, c) for s in every]) for c in ("uid", "iid", "label", "timestamp"))
+    history = [h for s in every for h in s.history]
+    for k in np.random.default_rng(0).choice(len(u), 30, replace=False):
+        earlier = (u == u[k]) & (y == 1) & (t < t[k])
+        assert set(history[k].tolist()) >= set(i[earlier].tolist())
+        assert len(history[k]) == earlier.sum()       # no timestamp ties in the toy data
+
+
+def test_prompt_text_exact():
+    ds = _tiny_dataset()
+    assert data.build_prompt(ds, np.array([3, 1, 2]), 2) == (
+        '#Question: A user has given high ratings to the following movies: "Heat (1995)", " Up (2009) ". '
+        'Leverage the information to predict whether the user would enjoy the movie titled "Up (2009)"? '
+        'Answer with "Yes" or "No". \\n#Answer:')
+    collm = data.build_prompt(_tiny_dataset("book"), np.array([], np.int64), 3, template="collm")
+    assert collm == (
+        '#Question: A user has given high ratings to the following books: unkow. Additionally, we have information '
+        "about the user's preferences encoded in the feature <UserID>. Using all available information, make a "
+        'prediction about whether the user would enjoy the book titled "Fargo (1996)" with the feature '
+        '<TargetItemID>? Answer with "Yes" or "No". \\n#Answer:')
+    assert "\n" not in collm and collm.endswith("\\n#Answer:")
+    assert data.USER_TOKEN == "<UserID>" and data.ITEM_TOKEN == "<TargetItemID>"
+    assert data.prompts(ds, "train")[0].count("unkow") == 1
+    with pytest.raises(ValueError, match="template"):
+        data.build_prompt(ds, np.array([1]), 2, template="nope")
+
+
+def test_tsv_round_trip_and_errors_name_file_and_line(tmp_path):
+    toy = data.make_toy()
+    root = str(tmp_path / "toy")
+    data.save_tsv(toy, root)
+    back = data.load_tsv(root, "toy")
+    assert (back.n_users, back.n_items, back.titles) == (toy.n_users, toy.n_items, toy.titles)
+    for split in data.SPLITS:
+        a, b = toy.split(split), back.split(split)
+        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("uid", "iid", "label", "timestamp", "warm"))
+        assert all(np.array_equal(x, y) for x, y in zip(a.history, b.history))
+    train = os.path.join(root, "train.tsv")
+    lines = open(train, encoding="utf-8").read().split("\n")
+
+    def load_with(line_no, text):
+        broken = list(lines)
+        broken[line_no - 1] = text
+        with open(train, "w", encoding="utf-8") as f:
+            f.write("\n".join(broken))
+        return data.load_tsv(root)
+
+    with pytest.raises(ValueError, match=r"train\.tsv:5: expected 7"):
+        load_with(5, "1\t2\t1")
+    fields = lines[6].split("\t")
+    with pytest.raises(ValueError, match=r"train\.tsv:7: iid 9999 is not in items\.tsv"):
+        load_with(7, "\t".join(fields[:1] + ["9999"] + fields[2:]))
+    with pytest.raises(ValueError, match=r"train\.tsv:7: history iid 777 is not in items\.tsv"):
+        load_with(7, "\t".join(fields[:6] + ["1 777"]))
+    with pytest.raises(ValueError, match=r"train\.tsv:7: timestamp is not an integer"):
+        load_with(7, "\t".join(fields[:3] + ["soon"] + fields[4:]))
+    with pytest.raises(ValueError, match=r"train\.tsv:7: label must be 0 or 1"):
+        load_with(7, "\t".join(fields[:2] + ["2"] + fields[3:]))
+    with pytest.raises(ValueError, match=r"train\.tsv:1: missing column\(s\) \['not_cold'\]"):
+        load_with(1, lines[0].replace("not_cold", "cold"))
+    with open(train, "w", encoding="utf-8") as f:
+        f.write(lines[0] + "\n")
+    with pytest.raises(ValueError, match=r"train\.tsv: no data rows"):
+        data.load_tsv(root)
+    os.remove(train)
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        data.load_tsv(root)
+    with pytest.raises(FileNotFoundError, match="CORA_ML1M"):
+        data.load_dataset("ml-1m", root=str(tmp_path / "nowhere"))
+
+
+def test_raw_files_errors_name_file_and_line(tmp_path):
+    ratings, movies = _write_ml1m_raw(str(tmp_path))
+    with open(ratings, "a", encoding="latin-1") as f:
+        f.write("5::10::five::1000000000\n")
+    with pytest.raises(ValueError, match=r"ratings\.dat:14: Rating is not an integer"):
+        data.ml1m_from_raw(ratings, movies)
+    reviews, meta = _write_amazon_raw(str(tmp_path))
+    with open(reviews, "a", encoding="utf-8") as f:
+        f.write('{"reviewerID": "U1", "asin": \n')
+    with pytest.raises(ValueError, match=r"Books_5\.json:18: not valid JSON"):
+        data.amazon_book_from_raw(reviews, meta, min_count=2)
+    with pytest.raises(FileNotFoundError, match="nope.dat"):
+        data.ml1m_from_raw(str(tmp_path / "nope.dat"), movies)
+
+
+@needs_ml1m
+def test_ml1m_tsv_split_sizes_and_statistics():
+    ds = data.load_dataset("ml-1m", ML1M)
+    assert (len(ds.train), len(ds.valid), len(ds.test), len(ds.valid_small)) == (33_891, 10_401, 7_331, 5_200)
+    assert (ds.n_users, ds.n_items, ds.kind, ds.n_history) == (839, 3_256, "movie", 10)
+    assert [round(float(s.label.mean()), 3) for s in (ds.train, ds.valid, ds.test)] == [0.537, 0.528, 0.545]
+    assert ds.train.warm.all() and round(float(ds.valid.warm.mean()), 3) == 0.635
+    assert len(np.unique(ds.test.uid)) == 320 and len(np.unique(ds.test.iid)) == 2_203
+    assert ds.titles[1] == "Shawshank Redemption, The (1994)" and ds.train.history[1].tolist() == [1]
+
+
+@needs_ml1m
+def test_ml1m_raw_recipe_reproduces_the_tsvs(tmp_path):
+    """Rebuild a ratings.dat from the TSVs (raw ids, a shuffled order) and check the recipe gives them back.
+    Tied rows (one user, one second) keep the official pandas order, i.e. movies in first-appearance order of
+    ratings.dat, so the file starts with one dropped row per movie in an order consistent with the TSV ties."""
+    from graphlib import TopologicalSorter
+    ds = data.load_dataset("ml-1m", ML1M)
+    every = (ds.train, ds.valid, ds.test)
+    u, i, y, t = (np.concatenate([getattr(s, c) for s in every]) for c in ("uid", "iid", "label", "timestamp"))
+    tied = np.flatnonzero((u[1:] == u[:-1]) & (t[1:] == t[:-1]))       # the TSVs are in walk order
+    order = TopologicalSorter({k: set() for k in range(1, ds.n_items)})
+    for k in tied:
+        order.add(int(i[k + 1]), int(i[k]))
+    items = open(os.path.join(ML1M, "items.tsv"), encoding="utf-8").read().split("\n")[1:]
+    movie_id = {int(r.split("\t")[0]): int(r.split("\t")[1]) for r in items if r}
+    movies = list(order.static_order())
+    lines = [f"1::{movie_id[movies[0]]}::5::{_unix('2000-04-25')}\n"]                         # month 0
+    lines += [f"9999::{movie_id[m]}::3::{_unix('2003-03-01')}\n" for m in movies]            # month 35: dropped
+    lines += [f"{3 * u[k] + 10}::{movie_id[i[k]]}::{5 if y[k] else 2}::{t[k]}\n"
+              for k in np.random.default_rng(0).permutation(len(u))]
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("".join(lines), encoding="latin-1")
+    raw = data.ml1m_from_raw(str(ratings), os.path.join(ML1M, "movies.dat"))
+    assert (raw.n_users, raw.n_items, raw.titles) == (ds.n_users, ds.n_items, ds.titles)
+    for a, b in zip(every, (raw.train, raw.valid, raw.test)):
+        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("uid", "iid", "label", "timestamp", "warm"))
+        assert all(np.array_equal(x, z) for x, z in zip(a.history, b.history))
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+
+def test_lightgcn_propagation_matches_dense_computation():
+    train = data.Interactions(np.array([1, 1, 2, 2, 3, 1]), np.array([1, 2, 2, 3, 1, 1]),
+                              np.array([1, 1, 1, 0, 1, 1], np.float32), np.arange(6), [np.array([], np.int64)] * 6,
+                              np.ones(6, bool))   # (1, 1) liked twice; (2, 3) disliked -> no edge; item 4 isolated
+    torch.manual_seed(0)
+    model = cf.LightGCN(n_users=4, n_items=5, dim=3, n_layers=2, train=train).eval()
+    a = np.zeros((9, 9))
+    for u, i in [(1, 1), (1, 2), (2, 2), (3, 1), (1, 1)]:
+        a[u, 4 + i] += 1
+        a[4 + i, u] += 1
+    degree = a.sum(1)
+    d = np.where(degree > 0, 1 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
+    norm = d[:, None] * a * d[None, :]
+    assert np.allclose(model.graph.to_dense().numpy(), norm)
+    e0 = torch.cat([model.user.weight, model.item.weight]).detach().double().numpy()
+    expected = (e0 + norm @ e0 + norm @ norm @ e0) / 3
+    users, items = model.tables()
+    assert np.allclose(users.numpy(), expected[:4], atol=1e-6) and np.allclose(items.numpy(), expected[4:], atol=1e-6)
+    e_u, e_i = model.embed(torch.tensor([1, 3]), torch.tensor([2, 4]))
+    assert e_u.shape == (2, 3) and np.allclose(e_i[1].numpy(), expected[4 + 4], atol=1e-6)
+    assert np.allclose(model(torch.tensor([1]), torch.tensor([2])).item(), expected[1] @ expected[6], atol=1e-6)
+
+
+def test_mf_and_lightgcn_learn_on_toy_deterministically():
+    ds = data.make_toy()
+    with _OneThread():
+        for kind in ("mf", "lightgcn"):
+            model, result = cf.train_cf(kind, ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=12, patience=3,
+                                        seed=0, init_std=0.1, log=lambda s: None)
+            assert result["valid"]["auc"] > 0.6 and result["test"]["auc"] > 0.6, (kind, result)
+            assert not model.training and model.dim == 32
+            cold_users = torch.from_numpy(np.setdiff1d(np.arange(ds.n_users), ds.train.uid))   # padding 0 included
+            e_u, _ = model.embed(cold_users, torch.ones_like(cold_users))
+            assert len(cold_users) > 1 and torch.all(e_u == 0)        # ids absent from train stay exactly zero
+        lines = [[], []]
+        for run in lines:
+            cf.train_cf("lightgcn", ds, 16, 1e-2, 1e-4, 512, 2, 2, seed=3, log=run.append)
+        assert [s.split("|")[:4] for s in lines[0]] == [s.split("|")[:4] for s in lines[1]]
+        assert re.fullmatch(r"epoch +1 \| loss \d\.\d{4} \| valid auc 0\.\d{4} \| test auc 0\.\d{4} \| [\d.]+s",
+                            lines[0][-1])
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    ds = data.make_toy()
+    torch.manual_seed(0)
+    models = [cf.MF(ds.n_users, ds.n_items, 8, init_std=0.1), cf.LightGCN(ds.n_users, ds.n_items, 8, 2, ds.train)]
+    for model in models:
+        path = str(tmp_path / f"{model.kind}.safetensors")
+        cf.save_cf(path, model, {"dataset": "toy", "lr": 0.01})
+        assert os.listdir(tmp_path).count(f"{model.kind}.safetensors") == 1
+        loaded = cf.load_cf(path, kind=model.kind)
+        assert type(loaded) is type(model) and not loaded.training and loaded.dim == 8
+        assert not any(p.requires_grad for p in loaded.parameters())
+        assert loaded.meta["dataset"] == "toy" and json.loads(loaded.meta["lr"]) == 0.01
+        assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(model, ds.test))
+        e_u, e_i = loaded.embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
+        assert e_u.shape == e_i.shape == (5, 8)
+        e_u2, e_i2 = loaded.train().embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
+        assert torch.equal(e_u, e_u2) and torch.equal(e_i, e_i2)   # frozen: same embeddings inside a module in train()
+    assert sorted(os.listdir(tmp_path)) == ["lightgcn.safetensors", "mf.safetensors"]   # no temporary files left
+    with pytest.raises(ValueError, match="holds a mf model"):
+        cf.load_cf(str(tmp_path / "mf.safetensors"), kind="lightgcn")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        cf.load_cf(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(FileNotFoundError, match="train.py"):
+        cf.load_cf(str(tmp_path / "missing.safetensors"))
+
+
+# ----------------------------------------------------------------------------- cora.py / collm.py
+
+
+class FakeCF(torch.nn.Module):
+    """A stand-in CF model: random user/item tables behind the `embed` interface of cf.py."""
+
+    def __init__(self, n_users=9, n_items=11, dim=8, std=0.3):
+        super().__init__()
+        self.dim, self.u, self.i = dim, torch.nn.Embedding(n_users, dim), torch.nn.Embedding(n_items, dim)
+        torch.nn.init.normal_(self.u.weight, std=std), torch.nn.init.normal_(self.i.weight, std=std)
+
+    def embed(self, uid, iid):
+        return self.u(uid), self.i(iid)
+
+
+class PadTok:
+    """The one piece of llama.Tokenizer that collm.collate uses: left padding of id lists (pad id 9 here)."""
+
+    def batch(self, seqs, device):
+        b = _batch(seqs, [0] * len(seqs), [0] * len(seqs), pad=9)
+        return b["tokens"], b["mask"]
+
+
+def _batch(rows, uid, iid, pad=0):
+    T = max(map(len, rows))
+    return dict(tokens=torch.tensor([[pad] * (T - len(r)) + r for r in rows]),
+                mask=torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+                uid=torch.tensor(uid), iid=torch.tensor(iid), label=torch.ones(len(rows)))
+
+
+def _cora(weight_types="qkvo", std=0.3, seed=0):
+    llm = random_llama(tiny_args(), dtype=torch.float32, seed=seed)
+    torch.manual_seed(seed)
+    m = cora.CoRA(llm, None, [5, 7], FakeCF(), weight_types=weight_types, r=4, alpha=8, n_blocks=2, n_heads=2,
+                  ffn_dim=24, gen_dropout=0.0, delta_dropout=0.0).eval()
+    if std:  # large, non-zero W_proj so that W_c matters
+        with torch.no_grad():
+            for p in m.proj.values():
+                p.normal_(0, std)
+            m.fc.weight.mul_(30)
+    return m
+
+
+@pytest.mark.parametrize("weight_types", list(cora.WEIGHT_TYPES))
+def test_cora_equals_materialised_per_example_merge(weight_types):
+    m = _cora(weight_types)
+    rows = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    b = _batch(rows, [1, 2, 3], [4, 5, 6])
+    with torch.no_grad():
+        out = m(b)
+        A = m.factor(m.fc, m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None]))  # (B, r, d)
+        A_f = m.factor(m.fc_ffn, m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None])) if m.fc_ffn else None
+        base = {k: v.clone() for k, v in m.llm.state_dict().items()}
+        for j, r in enumerate(rows):  # naive: build W + W_c for example j, run the plain LLM on its prompt alone
+            for l, p in m.targets:
+                blk = m.llm.layers[l]
+                lin = getattr(blk.self_attn if p in "qkvo" else blk.mlp, f"{p}_proj")
+                a = A_f[j] if p == "down" else A[j]
+                W_c = m.scale * m.proj[f"{l}_{p}"] @ a                           # (d_out, d_in)
+                lin.weight.copy_(base[f"layers.{l}.{'self_attn' if p in 'qkvo' else 'mlp'}.{p}_proj.weight"] + W_c)
+            ref = m.llm(torch.tensor([r]), last_only=True, token_ids=m.yes_no)[0, 0]
+            m.llm.load_state_dict(base)
+            torch.testing.assert_close(out[j], ref, atol=1e-5, rtol=0)
+    assert (out - m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]).abs().min() > 1e-3
+
+
+def test_cora_per_pair_weights_and_batch_invariance():
+    m = _cora()
+    with torch.no_grad():
+        d = m.deltas(torch.tensor([1, 2, 1]), torch.tensor([4, 4, 4]))
+        A = d[(0, "q")][0]
+        assert (A[0] - A[1]).abs().max() > 1e-3 and torch.equal(A[0], A[2])
+        alone = m(_batch([[3, 4, 5]], [1], [4]))
+        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
+
+
+def test_cora_zero_init_is_base_llm():
+    m = _cora(std=0)
+    b = _batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
+    base = m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]
+    assert torch.equal(m(b), base)
+
+
+def test_cora_gradients_reach_only_generator_and_heads():
+    m = _cora(weight_types="qkvof").train()
+    with torch.no_grad():
+        for p in m.proj.values():
+            p.normal_(0, 0.3)
+    F.binary_cross_entropy_with_logits(m(_batch([[3, 4, 5], [6, 7]], [1, 2], [3, 4])), torch.tensor([1.0, 0.0])).backward()
+    trainable = dict(m.named_parameters())
+    assert all(p.grad is None for p in m.llm.parameters()) and all(p.grad is None for p in m.cf.parameters())
+    assert not any(k.startswith(("llm.", "cf.")) for k, p in trainable.items() if p.requires_grad)
+    for k in ["generator.queries", "generator.blocks.0.cross_attn.v.weight", "fc.weight", "fc_ffn.weight", "proj.0_q", "proj.1_down"]:
+        assert trainable[k].grad is not None and trainable[k].grad.abs().sum() > 0, k
+
+
+def test_collm_placeholders_and_zero_cie():
+    llm = random_llama(tiny_args(), dtype=torch.float32)
+    m = collm.CoLLM(llm, None, [5, 7], FakeCF(), delta_dropout=0.0).eval()
+    seqs = [[3, 4, 0, 5, 0, 6], [7, 0, 8, 0]]                                   # placeholder id 0 at known places
+    slots = torch.tensor([[2, 4], [1, 3]]).numpy()
+    split = type("S", (), dict(uid=torch.tensor([1, 2]).numpy(), iid=torch.tensor([3, 4]).numpy(),
+                               label=torch.tensor([1.0, 0.0]).numpy()))
+    tok = PadTok()
+    b = collm.collate(tok, seqs, slots, split, [0, 1], "cpu")
+    assert b["slots"].tolist() == [[2, 4], [3, 5]]                             # shifted by row 2's left padding
+    assert (b["tokens"].gather(1, b["slots"]) == 0).all()
+    with torch.no_grad():
+        m.cie[-1].weight.zero_(), m.cie[-1].bias.zero_()                      # CIE output = 0 at the placeholders
+        emb = llm.embed_tokens(b["tokens"]).index_put((torch.tensor([[0, 0], [1, 1]]), b["slots"]), torch.zeros(2, 2, 32))
+        torch.testing.assert_close(m(b), m.logits(b, embeds=emb, deltas=m.lora.deltas()))
+        assert not torch.equal(m(b), m.logits(b, deltas=m.lora.deltas()))   # the placeholder token itself is replaced
+
+
+def test_one_step_changes_only_trainable_parameters():
+    for make in (lambda llm: collm.TALLRec(llm, None, [5, 7]), lambda llm: collm.CoLLM(llm, None, [5, 7], FakeCF()),
+                 lambda llm: _cora(std=0)):
+        m = make(random_llama(tiny_args(), dtype=torch.float32)).train()
+        frozen = {k: v.clone() for k, v in list(m.llm.state_dict().items()) + [("cf." + k, v) for k, v in getattr(m, "cf", torch.nn.Module()).state_dict().items()]}
+        params = [p for p in m.parameters() if p.requires_grad]
+        before = [p.clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        b = _batch([[3, 4, 0, 5, 0], [6, 0, 7, 0]], [1, 2], [3, 4])
+        b["slots"] = torch.tensor([[2, 4], [2, 4]])
+        F.binary_cross_entropy_with_logits(m(b), torch.tensor([1.0, 0.0])).backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, params))
+        after = {k: v for k, v in list(m.llm.state_dict().items()) + [("cf." + k, v) for k, v in getattr(m, "cf", torch.nn.Module()).state_dict().items()]}
+        assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+
+
+def test_answer_ids_and_length_buckets(tmp_path):
+    folder = llama.build_tiny_llama(str(tmp_path), [f"#Question: movie {i} is good? \\n#Answer: Yes" for i in range(50)] +
+                                    [f"#Question: movie {i} is bad? \\n#Answer: No" for i in range(50)], vocab_size=80)
+    tok = Tokenizer(folder)
+    yes, no = collm.answer_ids(tok, "#Question: movie 3 is good? \\n#Answer:")
+    assert yes != no and tok.decode([yes]).strip() == "Yes"[:len(tok.decode([yes]).strip())]
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    for shuffle in (False, True):
+        bs = collm.batches(lengths, 3, shuffle, seed=1, pool=2)
+        assert sorted(int(i) for b in bs for i in b) == list(range(10))
+    assert [lengths[i] for b in collm.batches(lengths, 3, False) for i in b] == sorted(lengths)

@@ -1,0 +1,173 @@
+"""
+collm.py: the LLM-as-recommender baselines, TALLRec and CoLLM, and the Yes/No scoring every LLM method shares.
+
+Scoring (CoLLM minigpt4rec_v2.py forward_v2 L729-730; CoRA minigpt4rec_vx.py, same lines in spirit):
+    s(u, i) = logit_"Yes"( LLM(prompt(u, i)) at the last prompt position )
+    loss    = BCE-with-logits(s, y)
+The raw "Yes" logit is the score (and the AUC input), not a softmax. TALLRec's own code normalises over
+{Yes, No}; `score="yesno"` gives that: sigmoid(l_Yes - l_No) = softmax([l_No, l_Yes])[1].
+Only the last position's final hidden state meets the LM head, and only the Yes/No rows of it.
+
+TALLRec (as re-implemented in the CoLLM/CoRA papers, CoLLM stage 1): LoRA on the frozen LLM, text prompt only.
+    W' = W + (alpha / r) B A,  A ~ kaiming-uniform, B = 0 (so step 0 is the base LLM), dropout on the LoRA input;
+    official r=8, alpha=16, dropout 0.05, targets q and v.
+CoLLM (Zhang et al. 2023): the frozen CF model's e_u, e_i pass through the CIE MLP
+    g(e) = W_2 ReLU(W_1 e),  W_1: d -> 10d,  W_2: 10d -> d_model   (one MLP shared by users and items)
+and replace the token embeddings at the <UserID> / <TargetItemID> placeholders of the CoLLM prompt.
+Two steps as in the paper: step 1 trains the LoRA on the text prompt (= TALLRec), step 2 trains the CIE with
+that LoRA loaded and frozen (`tune_lora=True` trains both).
+
+Deliberate deviations, each documented where it happens:
+- The prompt is tokenised piecewise around the placeholders, each placeholder becoming one reserved id
+  (the tokenizer's unk id, as the official "<unk>" trick) whose position is recorded. The official code
+  searches the whole sequence for unk ids, which breaks when a title itself contains "<unk>".
+- Batches are length-bucketed (see `batches`); the official code pads every batch to its longest prompt
+  in dataset order.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from llama import Tokenizer
+
+
+# ----------------------------------------------------------------------------- prompts -> token ids
+
+def answer_ids(tok, prompt):
+    """Ids of "Yes" and "No" as the first sub-token of the answer word where it follows the prompt."""
+    base = tok.encode(prompt)
+    ids = []
+    for word in ("Yes", "No"):
+        full = tok.encode(prompt + " " + word)
+        if full[:len(base)] != base or len(full) == len(base):
+            raise ValueError(f"{tok.path}: ' {word}' after the prompt changes the prompt's own tokens; "
+                             f"cannot pick an answer token")
+        ids.append(full[len(base)])
+    if ids[0] == ids[1]:
+        raise ValueError(f"{tok.path}: 'Yes' and 'No' start with the same token {ids[0]}; the score is undefined")
+    return ids
+
+
+def encode_split(tok, ds, split, template):
+    """Token ids of every prompt of a split, and for the CoLLM template the placeholder positions (N, 2)."""
+    texts = data.prompts(ds, split, template)
+    if template != "collm":
+        return [tok.encode(t) for t in texts], None
+    seqs, slots = [], []
+    for t in texts:
+        head, rest = t.split(data.USER_TOKEN)
+        mid, tail = rest.split(data.ITEM_TOKEN)
+        a, b, c = tok.encode(head), tok.encode(mid, bos=False), tok.encode(tail, bos=False)
+        placeholder = max(tok.sp.unk_id(), 0)
+        seqs.append(a + [placeholder] + b + [placeholder] + c)
+        slots.append((len(a), len(a) + 1 + len(b)))
+    return seqs, np.array(slots, dtype=np.int64)
+
+
+def batches(lengths, batch_size, shuffle, seed=0, pool=50):
+    """Length-bucketed batches of indices. Training: shuffle, sort within pools of `pool` batches, shuffle
+    the batches (so left padding wastes little and order stays random). Evaluation: sorted by length."""
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng(seed)
+    order, out = rng.permutation(len(lengths)), []
+    for i in range(0, len(order), pool * batch_size):
+        chunk = order[i:i + pool * batch_size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def collate(tok, seqs, slots, split, idx, device):
+    """One batch: left-padded tokens/mask, ids, labels, and placeholder positions shifted by the padding."""
+    tokens, mask = tok.batch([seqs[i] for i in idx], device)
+    b = dict(tokens=tokens, mask=mask, uid=torch.as_tensor(split.uid[idx], device=device),
+             iid=torch.as_tensor(split.iid[idx], device=device),
+             label=torch.as_tensor(split.label[idx], dtype=torch.float32, device=device))
+    if slots is not None:
+        pad = tokens.shape[1] - mask.sum(1)                                    # (B,) left padding per row
+        b["slots"] = torch.as_tensor(slots[idx], device=device) + pad[:, None]  # (B, 2) user, item positions
+    return b
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+class LoRA(nn.Module):
+    """Shared low-rank deltas on chosen projections of every layer: ΔW = (alpha/r) B A (peft's init)."""
+
+    def __init__(self, args, r=8, alpha=16, targets=("q", "v"), layers=None):
+        super().__init__()
+        self.scale, self.keys = alpha / r, [(l, p) for l in (layers or range(args.n_layers)) for p in targets]
+        kv, q = args.n_kv_heads * args.head_dim, args.n_heads * args.head_dim
+        d_in = dict(q=args.dim, k=args.dim, v=args.dim, o=q, gate=args.dim, up=args.dim, down=args.hidden_dim)
+        d_out = dict(q=q, k=kv, v=kv, o=args.dim, gate=args.hidden_dim, up=args.hidden_dim, down=args.dim)
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(r, d_in[p])) for _, p in self.keys)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(d_out[p], r)) for _, p in self.keys)
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def deltas(self):
+        return {k: (a, self.scale * b) for k, a, b in zip(self.keys, self.A, self.B)}
+
+
+class RecLLM(nn.Module):
+    """A frozen LLaMA that answers Yes/No; subclasses decide what is trainable and what the LLM reads."""
+    template = "tallrec"
+
+    def __init__(self, llm, tok: Tokenizer, yes_no, score="yes", delta_dropout=0.05):
+        super().__init__()
+        self.llm, self.tok, self.score, self.delta_dropout = llm.requires_grad_(False), tok, score, delta_dropout
+        self.register_buffer("yes_no", torch.as_tensor(yes_no), persistent=False)
+
+    def logits(self, batch, embeds=None, deltas=None):
+        yn = self.llm(batch["tokens"] if embeds is None else None, batch["mask"], embeds=embeds, deltas=deltas,
+                      delta_dropout=self.delta_dropout, last_only=True, token_ids=self.yes_no).float()  # (B, 2)
+        return yn[:, 0] if self.score == "yes" else yn[:, 0] - yn[:, 1]                         # (B,)
+
+    def train(self, mode=True):  # the frozen LLM stays in eval mode; dropout lives on the delta path only
+        super().train(mode)
+        self.llm.eval()
+        return self
+
+    def trainable_state(self):
+        return {k: v for k, v in self.named_parameters() if v.requires_grad}
+
+
+class TALLRec(RecLLM):
+    def __init__(self, llm, tok, yes_no, r=8, alpha=16, targets=("q", "v"), **kw):
+        super().__init__(llm, tok, yes_no, **kw)
+        self.lora = LoRA(llm.args, r, alpha, targets)
+
+    def forward(self, batch):
+        return self.logits(batch, deltas=self.lora.deltas())
+
+
+class CoLLM(TALLRec):
+    template = "collm"
+
+    def __init__(self, llm, tok, yes_no, cf, mid_times=10, tune_lora=False, **kw):
+        super().__init__(llm, tok, yes_no, **kw)
+        self.cf = cf.requires_grad_(False).eval()
+        d = cf.dim
+        self.cie = nn.Sequential(nn.Linear(d, d * mid_times), nn.ReLU(), nn.Linear(d * mid_times, llm.args.dim))
+        self.lora.requires_grad_(tune_lora)
+
+    def forward(self, batch):
+        with torch.no_grad():
+            e_u, e_i = self.cf.embed(batch["uid"], batch["iid"])                       # (B, d) each
+        x = self.cie(torch.stack((e_u, e_i), 1).to(self.cie[0].weight.dtype))         # (B, 2, d_model)
+        emb = self.llm.embed_tokens(batch["tokens"])                                    # (B, T, d_model)
+        rows = torch.arange(len(emb), device=emb.device)[:, None].expand(-1, 2)        # (B, 2)
+        emb = emb.index_put((rows, batch["slots"]), x.to(emb.dtype))                    # placeholders <- g(e)
+        return self.logits(batch, embeds=emb, deltas=self.lora.deltas())
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cf.eval()
+        return self

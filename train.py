@@ -1,0 +1,322 @@
+"""Training entry point. CF part: pretrain MF / LightGCN on click labels, as CoLLM's baseline_train_{mf,lightgcn}_ood.py,
+and write runs/<data>/<method>/{results.json, predictions.tsv, cf.safetensors}.
+
+    python train.py --method mf --data ml-1m [--data-root PATH] [--out runs] [--seed 2023] [--epochs N] [--lr LR]
+                    [--wd WD] [--dim D] [--batch-size B] [--patience P] [--init-std S] [--threads T]
+
+Unset hyperparameters come from CF_DEFAULTS: the official CoLLM values (cf.py docstring), fast ones for toy, and for
+ML-1M MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
+init) gave test AUC 0.6353 < 0.6486 (the paper's MF). Most of that gap was noise: rows of users/items never seen in
+train kept random embeddings; cf.py now zeroes them (its docstring). Then, valid / test AUC of d 256, lr 1e-3, batch
+1024, patience 50: wd 1e-4 N(0, 1) 0.6741 / 0.6449; wd 1e-4 0.6736 / 0.6445; wd 1.5e-4 0.6742 / 0.6492;
+wd 2e-4 0.6722 / 0.6471; wd 3e-4 0.6590 / 0.6378 (init N(0, 0.1) unless said); wd 2e-4 with d 128 0.6717 / 0.6466,
+d 64 0.6711 / 0.6466, lr 3e-3 0.6704 / 0.6449. Chosen by valid: wd 1.5e-4, init N(0, 0.1) (test AUC 0.6492).
+LLM methods reuse cf_checkpoint(...) to get (training if needed) the frozen CF model they read.
+"""
+import argparse
+import json
+import os
+import time
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save as safetensors_bytes
+
+import cf
+import collm
+import cora
+import data
+import llama
+
+CF_METHODS = ("mf", "lightgcn")
+CF_DEFAULTS = {  # (data, method) -> hyperparameters; n_layers and init_std as cf.train_cf (None = official init)
+    ("ml-1m", "mf"): dict(dim=256, lr=1e-3, wd=1.5e-4, batch_size=1024, epochs=1000, patience=50, init_std=0.1),
+    ("ml-1m", "lightgcn"): dict(dim=64, lr=1e-2, wd=1e-4, batch_size=1024, epochs=1000, patience=50, init_std=None),
+    ("amazon-book", "mf"): dict(dim=256, lr=1e-3, wd=1e-6, batch_size=10240, epochs=1000, patience=50, init_std=None),
+    ("amazon-book", "lightgcn"): dict(dim=256, lr=1e-4, wd=1e-7, batch_size=10240, epochs=1000, patience=100,
+                                      init_std=None),
+    ("toy", "mf"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=0.1),
+    ("toy", "lightgcn"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
+}
+HYPER = ("dim", "lr", "wd", "batch_size", "epochs", "patience", "init_std")
+
+
+def run_dir(out, data_name, method):
+    return os.path.join(out, data_name, method)
+
+
+def markdown_table(method, results, wall_s):
+    """One row per split of {split: cf.evaluate(...) dict}."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    lines = ["| method | split | AUC | UAUC | warm AUC | warm UAUC | cold AUC | cold UAUC | n | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for split, m in results.items():
+        lines.append(f"| {method} | {split} | {fmt(m['auc'])} | {fmt(m['uauc'])} | {fmt(m['warm_auc'])} | "
+                     f"{fmt(m['warm_uauc'])} | {fmt(m['cold_auc'])} | {fmt(m['cold_uauc'])} | {m['n']} | {wall_s:.1f}s |")
+    return "\n".join(lines)
+
+
+def write_results(folder, rows, scores, result):
+    """predictions.tsv (uid, iid, label, score: enough to recompute every metric) and results.json, atomically."""
+    data.atomic_write(os.path.join(folder, "predictions.tsv"), "uid\tiid\tlabel\tscore\n" + "".join(
+        f"{u}\t{i}\t{int(y)}\t{s:.6g}\n"
+        for u, i, y, s in zip(rows.uid.tolist(), rows.iid.tolist(), rows.label.tolist(), np.asarray(scores).tolist())))
+    data.atomic_write(os.path.join(folder, "results.json"), json.dumps(result, indent=2, default=str) + "\n")
+
+
+def run_cf(data_name, method, out="runs", data_root=None, seed=2023, overrides=None, ds=None, log=print):
+    """Pretrain one CF model, write its run folder, return (model, results dict)."""
+    t0 = time.time()
+    if (data_name, method) not in CF_DEFAULTS:
+        raise ValueError(f"no CF defaults for {method!r} on {data_name!r}; known: {sorted(CF_DEFAULTS)}")
+    hp = {**CF_DEFAULTS[(data_name, method)], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    ds = ds or data.load_dataset(data_name, data_root)
+    log(f"{method} on {data_name}: {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} rows, {ds.n_users} users, "
+        f"{ds.n_items} items, {hp}")
+    model, result = cf.train_cf(method, ds, seed=seed, log=log, **hp)
+    folder = run_dir(out, data_name, method)
+    os.makedirs(folder, exist_ok=True)
+    checkpoint = os.path.join(folder, "cf.safetensors")
+    cf.save_cf(checkpoint, model, {"dataset": data_name, "seed": seed, **hp})
+    result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
+                  wall_time_s=time.time() - t0, checkpoint=checkpoint)
+    write_results(folder, ds.test, cf.predict(model, ds.test), result)
+    log(markdown_table(method, {"valid": result["valid"], "test": result["test"]}, result["wall_time_s"]))
+    return model, result
+
+
+def cf_checkpoint(data_name, method, out="runs", data_root=None, seed=2023, ds=None, log=print):
+    """Path of the CF checkpoint runs/<data>/<method>/cf.safetensors, pretrained with the defaults if absent."""
+    if method not in CF_METHODS:
+        raise ValueError(f"unknown CF model {method!r}; choose from {CF_METHODS}")
+    path = os.path.join(run_dir(out, data_name, method), "cf.safetensors")
+    if os.path.isfile(path):
+        stored = cf.load_cf(path, kind=method).meta.get("dataset")
+        if stored != data_name:
+            raise ValueError(f"{path} was trained on {stored!r}, not {data_name!r}; delete it or use another --out")
+        log(f"using the CF checkpoint {path}")
+        return path
+    run_cf(data_name, method, out, data_root, seed, ds=ds, log=log)
+    return path
+
+
+# ----------------------------------------------------------------------------- LLM methods: TALLRec, CoLLM, CoRA
+
+# Official hyper-parameters (../shared/docs/method-details.md): CoLLM train_configs/collm_pretrain_mf_ood.yaml
+# (lr 1e-3 -> min 8e-5 cosine, warmup 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every 50 iterations, stop
+# after 20 evaluations without gain); CoRA plora_pretrain_mf_ood_movie.yaml (same schedule, batch 8, valid every
+# 100, r=16, alpha=32, q/k/v/o). Toy runs shrink the schedule (and the CoRA generator's FFN) to fit in minutes.
+LLM_METHODS = ("tallrec", "collm", "cora")
+LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=2, accum=1, clip=1.0,
+                eval_batch_size=32)
+LLM_DEFAULTS = {
+    "tallrec": dict(lr=1e-3, batch_size=32, eval_every=50),
+    "collm": dict(lr=1e-3, batch_size=32, eval_every=50),
+    "cora": dict(lr=1e-3, batch_size=8, eval_every=100),
+}
+TOY_LLM = dict(epochs=4, warmup=50, eval_every=100, patience=5, eval_batch_size=128)
+
+
+def toy_llm(ds, out):
+    """The embedded default LLM: a tiny random LLaMA + a tokenizer trained on the toy prompts (untrained!)."""
+    folder = os.path.join(out, "toy-llama")
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        texts = [p + a for s in (ds.train, ds.valid, ds.test) for t in ("tallrec", "collm")
+                 for p in data.prompts(ds, s, t)[:3000] for a in (" Yes", " No")]
+        llama.build_tiny_llama(folder, texts, vocab_size=600)
+        print(f"built an untrained tiny LLaMA + tokenizer in {folder}")
+    return folder
+
+
+def build_llm_method(args, ds, llm, tok, yes_no):
+    kw = dict(score=args.score, delta_dropout=args.lora_dropout)
+    if args.method == "tallrec":
+        return collm.TALLRec(llm, tok, yes_no, r=args.r or 8, alpha=args.alpha or 16, targets=tuple(args.lora_targets.split(",")), **kw)
+    cf_model = cf.load_cf(cf_checkpoint(args.data, args.cf, args.out, args.data_root, args.seed, ds))
+    if args.method == "collm":
+        m = collm.CoLLM(llm, tok, yes_no, cf_model, r=args.r or 8, alpha=args.alpha or 16,
+                        targets=tuple(args.lora_targets.split(",")), tune_lora=args.tune_lora, **kw)
+        stage1 = os.path.join(args.out, args.data, "tallrec", "trainable.safetensors")
+        if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
+            print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
+            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec"}))
+        m.load_state_dict({"lora." + k.removeprefix("lora."): v for k, v in load_file(stage1).items()}, strict=False)
+        return m
+    return cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
+                     n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+
+
+@torch.no_grad()
+def predict(model, seqs, slots, split, batch_size, device):
+    model.eval()
+    scores = np.zeros(len(split), dtype=np.float32)
+    for idx in collm.batches([len(s) for s in seqs], batch_size, shuffle=False):
+        scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).float().cpu().numpy()
+    return scores
+
+
+def limit(split, n, seed):
+    """A seeded random subset of n rows (kept in order), for CPU-sized runs; n=0 keeps everything."""
+    if not n or n >= len(split):
+        return split
+    return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
+
+
+def run_llm(args):
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ds = data.load_dataset(args.data, args.data_root)
+    out = os.path.join(args.out, args.data, args.method if args.method != "cora" else f"cora-{args.weight_types}")
+    os.makedirs(out, exist_ok=True)
+    folder = args.llm or toy_llm(ds, os.path.join(args.out, args.data))
+    llm, tok = llama.load_llama(folder, device=device), llama.Tokenizer(folder)
+    template = collm.CoLLM.template if args.method == "collm" else "tallrec"
+    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
+    model = build_llm_method(args, ds, llm, tok, yes_no).to(device)
+    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.eval_limit, args.seed),
+              "test": limit(ds.test, args.eval_limit, args.seed)}
+    enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr)
+    steps_per_epoch = math.ceil(len(splits["train"]) / args.batch_size / args.accum)
+    total = args.max_steps or args.epochs * steps_per_epoch
+
+    def lr_at(step):  # linear warm-up from warmup_lr, then cosine to min_lr (CoLLM's linear_warmup_cosine_lr)
+        if step < args.warmup:
+            return args.warmup_lr + (args.lr - args.warmup_lr) * step / args.warmup
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
+
+    print(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
+          f"{total} steps of {args.batch_size}x{args.accum}, device {device}")
+    best, best_auc, bad, step, seen, tl = None, -1.0, 0, 0, 0, time.time()
+    seqs, slots = enc["train"]
+    ckpt = os.path.join(out, "trainable.safetensors")
+    while step < total and bad < args.patience:
+        for group in collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + step):
+            model.train()
+            loss_sum = 0.0
+            for idx in np.array_split(group, args.accum):
+                b = collm.collate(tok, seqs, slots, splits["train"], idx, device)
+                loss = F.binary_cross_entropy_with_logits(model(b), b["label"]) * len(idx) / len(group)
+                loss.backward()
+                loss_sum += loss.item()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, seen = step + 1, seen + len(group)
+            if step % args.eval_every == 0 or step == total:
+                valid = cf.evaluate(splits["valid"], predict(model, *enc["valid"], splits["valid"], args.eval_batch_size, device))
+                if valid["auc"] > best_auc:
+                    best_auc, bad = valid["auc"], 0
+                    best = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+                    data.atomic_write(ckpt, safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()}))
+                else:
+                    bad += 1
+                rate = seen / (time.time() - tl)
+                print(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
+                      f"uauc {valid['uauc']:.4f} best {best_auc:.4f} | {rate:.1f} ex/s, eta {(total - step) * len(group) / rate / 60:.1f} min")
+            if step >= total or bad >= args.patience:
+                break
+    model.load_state_dict(best, strict=False)
+    scores = predict(model, *enc["test"], splits["test"], args.eval_batch_size, device)
+    test = cf.evaluate(splits["test"], scores)
+    result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=best_auc, steps=step,
+                  trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
+                  test_rows=len(splits["test"]), llm=folder, device=device, test=test)
+    write_results(out, splits["test"], scores, result)
+    print(markdown_table(args.method, {"test": test}, result["wall_time_s"]))
+    return result
+
+
+def bench(args):
+    """CoRA vs a shared LoRA of equal rank on the same targets and batch: training-step time and peak memory."""
+    torch.set_num_threads(args.threads)
+    ds = data.load_dataset(args.data, args.data_root)
+    folder = args.llm or toy_llm(ds, os.path.join(args.out, args.data))
+    llm, tok = llama.load_llama(folder), llama.Tokenizer(folder)
+    split = ds.train.subset(np.arange(args.batch_size))
+    seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
+    b = collm.collate(tok, seqs, None, split, np.arange(args.batch_size), "cpu")
+    yes_no = collm.answer_ids(tok, tok.decode(seqs[0]))
+    r, targets = args.r or 16, cora.WEIGHT_TYPES[args.weight_types]
+    fake_cf = cf.MF(ds.n_users, ds.n_items, 256)
+    methods = {"shared LoRA": lambda: collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r, targets=targets),
+               "CoRA": lambda: cora.CoRA(llm, tok, yes_no, fake_cf, weight_types=args.weight_types, r=r, alpha=2 * r)}
+    res = {}
+    for name, make in methods.items():
+        m = make().train()
+        step = lambda: F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
+        res[name] = llama._time(step, 3)
+        print(f"{name:12s} {res[name] * 1e3:8.1f} ms/step  {args.batch_size / res[name]:6.1f} examples/s")
+    print(f"CoRA / shared LoRA step time: {res['CoRA'] / res['shared LoRA']:.2f}x")
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bench:
+        return bench(args)
+    if args.method in CF_METHODS:
+        torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
+        return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
+    defaults = {**LLM_BASE, **LLM_DEFAULTS[args.method], **(TOY_LLM if args.data == "toy" and not args.llm else {})}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    result = run_llm(args)
+    cf_result = os.path.join(run_dir(args.out, args.data, args.cf), "results.json")
+    if args.method != "tallrec" and os.path.isfile(cf_result):  # the CF model it reads, beside it
+        with open(cf_result) as f:
+            base = json.load(f)
+        print(markdown_table(args.cf, {"test": base["test"]}, base["wall_time_s"]).split("\n")[-1])
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS)
+    parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
+    parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
+    parser.add_argument("--out", default="runs")
+    parser.add_argument("--seed", type=int, default=2023)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--wd", type=float)
+    parser.add_argument("--dim", type=int, help="CF embedding size")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patience", type=int, help="evaluations without a better valid AUC before stopping")
+    parser.add_argument("--init-std", type=float, help="CF embedding init std (default: per data/method, see above)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CF default 1)")
+    g = parser.add_argument_group("LLM methods (tallrec, collm, cora)")
+    g.add_argument("--llm", help="HF LLaMA folder; default: a tiny untrained LLaMA built for the toy data")
+    g.add_argument("--cf", default="mf", choices=CF_METHODS, help="CF model read by collm/cora")
+    g.add_argument("--weight-types", default="qkvo", choices=list(cora.WEIGHT_TYPES), help="CoRA: weights given W_c")
+    g.add_argument("--r", type=int, help="rank (TALLRec/CoLLM LoRA 8, CoRA 16)")
+    g.add_argument("--alpha", type=float, help="scaling numerator, W_c and LoRA scaled by alpha/r (16 / 32)")
+    g.add_argument("--lora-targets", default="q,v", help="TALLRec/CoLLM LoRA projections")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the delta path input")
+    g.add_argument("--tune-lora", action="store_true", help="CoLLM step 2 also trains the step-1 LoRA")
+    g.add_argument("--score", default="yes", choices=("yes", "yesno"), help="raw Yes logit, or Yes-No (TALLRec)")
+    g.add_argument("--n-queries", type=int, default=4)
+    g.add_argument("--n-blocks", type=int, default=8)
+    g.add_argument("--ffn-dim", type=int, default=3072)
+    g.add_argument("--accum", type=int, help="gradient accumulation steps")
+    g.add_argument("--eval-every", type=int, help="optimizer steps between validations")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--warmup-lr", type=float, help="learning rate at step 0 of the warm-up")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    g.add_argument("--clip", type=float, help="gradient-norm clipping")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs)")
+    g.add_argument("--train-limit", type=int, default=0, help="train on a seeded random subset of this many rows")
+    g.add_argument("--eval-limit", type=int, default=0, help="validate/test on seeded subsets of this many rows")
+    g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
+    main(parser.parse_args())
