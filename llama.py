@@ -412,7 +412,7 @@ def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
     torch.manual_seed(seed)
     model = Llama(args)
     for n, p in model.named_parameters():
-        nn.init.normal_(p, std=0.02) if p.dim() == 2 else nn.init.ones_(p)
+        nn.init.normal_(p, std=args.dim ** -0.5) if p.dim() == 2 else nn.init.ones_(p)  # variance-preserving
     save_llama(model, folder)
     return folder
 

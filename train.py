@@ -117,7 +117,7 @@ LLM_DEFAULTS = {
     "collm": dict(lr=1e-3, batch_size=32, eval_every=50),
     "cora": dict(lr=1e-3, batch_size=8, eval_every=100),
 }
-TOY_LLM = dict(epochs=4, warmup=50, eval_every=100, patience=5, eval_batch_size=128)
+TOY_LLM = dict(epochs=4, warmup=50, eval_every=50, patience=5, eval_batch_size=128, batch_size=32)
 
 
 def toy_llm(ds, out):
@@ -177,8 +177,8 @@ def run_llm(args):
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
     model = build_llm_method(args, ds, llm, tok, yes_no).to(device)
-    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.eval_limit, args.seed),
-              "test": limit(ds.test, args.eval_limit, args.seed)}
+    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
+              "test": limit(ds.test, args.test_limit, args.seed)}
     enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -232,31 +232,43 @@ def run_llm(args):
                   trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
                   test_rows=len(splits["test"]), llm=folder, device=device, test=test)
     write_results(out, splits["test"], scores, result)
-    print(markdown_table(args.method, {"test": test}, result["wall_time_s"]))
+    table = markdown_table(args.method, {"test": test}, result["wall_time_s"])
+    cf_dir = run_dir(args.out, args.data, args.cf)
+    if os.path.isfile(os.path.join(cf_dir, "results.json")):  # the CF model on exactly the same test rows, beside it
+        with open(os.path.join(cf_dir, "results.json")) as f:
+            cf_wall = json.load(f)["wall_time_s"]
+        cf_test = cf.evaluate(splits["test"], cf.predict(cf.load_cf(os.path.join(cf_dir, "cf.safetensors")), splits["test"]))
+        table += "\n" + markdown_table(args.cf, {"test": cf_test}, cf_wall).split("\n")[-1]
+    print(table)
     return result
+
+
+def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size):
+    """One training step of CoRA or of a shared LoRA with the same rank and targets, on a real batch."""
+    ds = data.load_dataset(data_name, data_root)
+    llm, tok = llama.load_llama(folder), llama.Tokenizer(folder)
+    split = ds.train.subset(np.arange(batch_size))
+    seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
+    b = collm.collate(tok, seqs, None, split, np.arange(batch_size), "cpu")
+    yes_no = collm.answer_ids(tok, tok.decode(seqs[0]))
+    if method == "CoRA":
+        m = cora.CoRA(llm, tok, yes_no, cf.MF(ds.n_users, ds.n_items, 256), weight_types=weight_types, r=r, alpha=2 * r)
+    else:
+        m = collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r, targets=cora.WEIGHT_TYPES[weight_types])
+    m.train()
+    return lambda: F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
 
 
 def bench(args):
     """CoRA vs a shared LoRA of equal rank on the same targets and batch: training-step time and peak memory."""
-    torch.set_num_threads(args.threads)
-    ds = data.load_dataset(args.data, args.data_root)
-    folder = args.llm or toy_llm(ds, os.path.join(args.out, args.data))
-    llm, tok = llama.load_llama(folder), llama.Tokenizer(folder)
-    split = ds.train.subset(np.arange(args.batch_size))
-    seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
-    b = collm.collate(tok, seqs, None, split, np.arange(args.batch_size), "cpu")
-    yes_no = collm.answer_ids(tok, tok.decode(seqs[0]))
-    r, targets = args.r or 16, cora.WEIGHT_TYPES[args.weight_types]
-    fake_cf = cf.MF(ds.n_users, ds.n_items, 256)
-    methods = {"shared LoRA": lambda: collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r, targets=targets),
-               "CoRA": lambda: cora.CoRA(llm, tok, yes_no, fake_cf, weight_types=args.weight_types, r=r, alpha=2 * r)}
-    res = {}
-    for name, make in methods.items():
-        m = make().train()
-        step = lambda: F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
-        res[name] = llama._time(step, 3)
-        print(f"{name:12s} {res[name] * 1e3:8.1f} ms/step  {args.batch_size / res[name]:6.1f} examples/s")
-    print(f"CoRA / shared LoRA step time: {res['CoRA'] / res['shared LoRA']:.2f}x")
+    folder = args.llm or toy_llm(data.load_dataset(args.data, args.data_root), os.path.join(args.out, args.data))
+    B, r, res = args.batch_size or 8, args.r or 16, {}
+    for name in ("shared LoRA", "CoRA"):
+        sec, mb = res[name] = llama.measure(_bench_step, name, folder, args.data, args.data_root, args.weight_types, r, B)
+        print(f"{name:12s} {sec * 1e3:8.1f} ms/step {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB  "
+              f"(ML-1M train epoch: {33891 / (B / sec) / 60:.1f} min)")
+    (t0, m0), (t1, m1) = res["shared LoRA"], res["CoRA"]
+    print(f"CoRA / shared LoRA ({args.weight_types}, r={r}, batch {B}): {t1 / t0:.2f}x time, {m1 / m0:.2f}x peak memory")
 
 
 def main(args):
@@ -271,13 +283,7 @@ def main(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    result = run_llm(args)
-    cf_result = os.path.join(run_dir(args.out, args.data, args.cf), "results.json")
-    if args.method != "tallrec" and os.path.isfile(cf_result):  # the CF model it reads, beside it
-        with open(cf_result) as f:
-            base = json.load(f)
-        print(markdown_table(args.cf, {"test": base["test"]}, base["wall_time_s"]).split("\n")[-1])
-    return result
+    return run_llm(args)
 
 
 if __name__ == "__main__":
@@ -317,6 +323,7 @@ if __name__ == "__main__":
     g.add_argument("--clip", type=float, help="gradient-norm clipping")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs)")
     g.add_argument("--train-limit", type=int, default=0, help="train on a seeded random subset of this many rows")
-    g.add_argument("--eval-limit", type=int, default=0, help="validate/test on seeded subsets of this many rows")
+    g.add_argument("--valid-limit", type=int, default=0, help="validate on a seeded subset of this many rows")
+    g.add_argument("--test-limit", type=int, default=0, help="test on a seeded subset of this many rows")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
     main(parser.parse_args())
