@@ -143,7 +143,7 @@ def build_llm_method(args, ds, llm, tok, yes_no):
         if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
             print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
             run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec"}))
-        m.load_state_dict({"lora." + k.removeprefix("lora."): v for k, v in load_file(stage1).items()}, strict=False)
+        m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in load_file(stage1).items()})  # strict
         return m
     return cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
@@ -222,7 +222,8 @@ def run_llm(args):
                     bad += 1
                 rate = seen / (time.time() - tl)
                 print(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
-                      f"uauc {valid['uauc']:.4f} best {best_auc:.4f} | {rate:.1f} ex/s, eta {(total - step) * len(group) / rate / 60:.1f} min")
+                      f"uauc {valid['uauc'] or float('nan'):.4f} best {best_auc:.4f} | {rate:.1f} ex/s, "
+                      f"eta {(total - step) * len(group) / rate / 60:.1f} min")
             if step >= total or bad >= args.patience:
                 break
     model.load_state_dict(best, strict=False)
@@ -246,7 +247,7 @@ def run_llm(args):
 def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size):
     """One training step of CoRA or of a shared LoRA with the same rank and targets, on a real batch."""
     ds = data.load_dataset(data_name, data_root)
-    llm, tok = llama.load_llama(folder), llama.Tokenizer(folder)
+    llm, tok = llama.prefault(llama.load_llama(folder)), llama.Tokenizer(folder)
     split = ds.train.subset(np.arange(batch_size))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
     b = collm.collate(tok, seqs, None, split, np.arange(batch_size), "cpu")
