@@ -1,17 +1,27 @@
-"""Training entry point. CF part: pretrain MF / LightGCN on click labels, as CoLLM's baseline_train_{mf,lightgcn}_ood.py,
-and write runs/<data>/<method>/{results.json, predictions.tsv, cf.safetensors}.
+"""
+train.py: one command for every method of the comparison.
 
-    python train.py --method mf --data ml-1m [--data-root PATH] [--out runs] [--seed 2023] [--epochs N] [--lr LR]
-                    [--wd WD] [--dim D] [--batch-size B] [--patience P] [--init-std S] [--threads T]
+    python train.py --method mf|lightgcn [--data toy|ml-1m|amazon-book]      CF pretraining (CoLLM's baselines)
+    python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
+    python train.py --bench [--data ml-1m --llm DIR]                          CoRA vs shared LoRA step time/memory
 
-Unset hyperparameters come from CF_DEFAULTS: the official CoLLM values (cf.py docstring), fast ones for toy, and for
-ML-1M MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
+Every run writes runs/<data>/<method>/{results.json, predictions.tsv, <weights>.safetensors} atomically:
+cf.safetensors for CF models, trainable.safetensors (the trainable parameters only) for LLM methods.
+LLM methods train a missing CF checkpoint first (cf_checkpoint); CoLLM trains a missing TALLRec first (its
+step 1); without --llm the toy run builds a tiny untrained LLaMA + tokenizer (toy_llm).
+
+The LLM training loop (run_llm) is CoLLM's runner, flattened: AdamW on the trainable parameters (weight decay on
+matrices only), linear warm-up then cosine decay, gradient accumulation, grad-norm clipping, validation every
+--eval-every steps, early stopping on valid AUC after --patience validations without gain, test metrics of the
+best state. --train-limit / --valid-limit / --test-limit take seeded subsets for CPU-sized runs.
+
+CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M
+MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
 init) gave test AUC 0.6353 < 0.6486 (the paper's MF). Most of that gap was noise: rows of users/items never seen in
 train kept random embeddings; cf.py now zeroes them (its docstring). Then, valid / test AUC of d 256, lr 1e-3, batch
 1024, patience 50: wd 1e-4 N(0, 1) 0.6741 / 0.6449; wd 1e-4 0.6736 / 0.6445; wd 1.5e-4 0.6742 / 0.6492;
 wd 2e-4 0.6722 / 0.6471; wd 3e-4 0.6590 / 0.6378 (init N(0, 0.1) unless said); wd 2e-4 with d 128 0.6717 / 0.6466,
 d 64 0.6711 / 0.6466, lr 3e-3 0.6704 / 0.6449. Chosen by valid: wd 1.5e-4, init N(0, 0.1) (test AUC 0.6492).
-LLM methods reuse cf_checkpoint(...) to get (training if needed) the frozen CF model they read.
 """
 import argparse
 import json
@@ -108,7 +118,7 @@ def cf_checkpoint(data_name, method, out="runs", data_root=None, seed=2023, ds=N
 # Official hyper-parameters (../shared/docs/method-details.md): CoLLM train_configs/collm_pretrain_mf_ood.yaml
 # (lr 1e-3 -> min 8e-5 cosine, warmup 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every 50 iterations, stop
 # after 20 evaluations without gain); CoRA plora_pretrain_mf_ood_movie.yaml (same schedule, batch 8, valid every
-# 100, r=16, alpha=32, q/k/v/o). Toy runs shrink the schedule (and the CoRA generator's FFN) to fit in minutes.
+# 100, r=16, alpha=32, q/k/v/o). Toy runs shrink the schedule to fit in minutes.
 LLM_METHODS = ("tallrec", "collm", "cora")
 LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=2, accum=1, clip=1.0,
                 eval_batch_size=32)
@@ -117,7 +127,7 @@ LLM_DEFAULTS = {
     "collm": dict(lr=1e-3, batch_size=32, eval_every=50),
     "cora": dict(lr=1e-3, batch_size=8, eval_every=100),
 }
-TOY_LLM = dict(epochs=4, warmup=50, eval_every=50, patience=5, eval_batch_size=128, batch_size=32)
+TOY_LLM = dict(epochs=4, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
 
 
 def toy_llm(ds, out):
@@ -288,7 +298,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS)
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
@@ -327,4 +337,7 @@ if __name__ == "__main__":
     g.add_argument("--valid-limit", type=int, default=0, help="validate on a seeded subset of this many rows")
     g.add_argument("--test-limit", type=int, default=0, help="test on a seeded subset of this many rows")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line (llama.CheckpointError is a ValueError)
+        parser.exit(2, f"train.py: error: {e}\n")
