@@ -130,9 +130,11 @@ class RecLLM(nn.Module):
                       delta_dropout=self.delta_dropout, last_only=True, token_ids=self.yes_no).float()  # (B, 2)
         return yn[:, 0] if self.score == "yes" else yn[:, 0] - yn[:, 1]                         # (B,)
 
-    def train(self, mode=True):  # the frozen LLM stays in eval mode; dropout lives on the delta path only
+    def train(self, mode=True):  # frozen parts (the LLM, a CF model) stay in eval mode; dropout lives on the delta path
         super().train(mode)
-        self.llm.eval()
+        for frozen in (self.llm, getattr(self, "cf", None)):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def trainable_state(self):
@@ -166,8 +168,3 @@ class CoLLM(TALLRec):
         rows = torch.arange(len(emb), device=emb.device)[:, None].expand(-1, 2)        # (B, 2)
         emb = emb.index_put((rows, batch["slots"]), x.to(emb.dtype))                    # placeholders <- g(e)
         return self.logits(batch, embeds=emb, deltas=self.lora.deltas())
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.cf.eval()
-        return self

@@ -121,8 +121,3 @@ class CoRA(RecLLM):
 
     def forward(self, batch):
         return self.logits(batch, deltas=self.deltas(batch["uid"], batch["iid"]))
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.cf.eval()
-        return self

@@ -799,7 +799,9 @@ def test_one_step_changes_only_trainable_parameters():
     for make in (lambda llm: collm.TALLRec(llm, None, [5, 7]), lambda llm: collm.CoLLM(llm, None, [5, 7], FakeCF()),
                  lambda llm: _cora(std=0)):
         m = make(random_llama(tiny_args(), dtype=torch.float32)).train()
-        frozen = {k: v.clone() for k, v in list(m.llm.state_dict().items()) + [("cf." + k, v) for k, v in getattr(m, "cf", torch.nn.Module()).state_dict().items()]}
+        frozen_state = lambda: {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("llm.", "cf."))}
+        frozen = frozen_state()
+        assert not m.llm.training and not getattr(m, "cf", m.llm).training
         params = [p for p in m.parameters() if p.requires_grad]
         before = [p.clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-2)
@@ -808,8 +810,8 @@ def test_one_step_changes_only_trainable_parameters():
         F.binary_cross_entropy_with_logits(m(b), torch.tensor([1.0, 0.0])).backward()
         opt.step()
         assert any(not torch.equal(a, p) for a, p in zip(before, params))
-        after = {k: v for k, v in list(m.llm.state_dict().items()) + [("cf." + k, v) for k, v in getattr(m, "cf", torch.nn.Module()).state_dict().items()]}
-        assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+        after = frozen_state()
+        assert frozen.keys() == after.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)
 
 
 def test_answer_ids_and_length_buckets(tmp_path):

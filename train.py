@@ -143,12 +143,12 @@ def toy_llm(ds, out):
 
 def build_llm_method(args, ds, llm, tok, yes_no):
     kw = dict(score=args.score, delta_dropout=args.lora_dropout)
+    lora = dict(r=args.r or 8, alpha=args.alpha or 16, targets=tuple(args.lora_targets.split(",")), **kw)
     if args.method == "tallrec":
-        return collm.TALLRec(llm, tok, yes_no, r=args.r or 8, alpha=args.alpha or 16, targets=tuple(args.lora_targets.split(",")), **kw)
+        return collm.TALLRec(llm, tok, yes_no, **lora)
     cf_model = cf.load_cf(cf_checkpoint(args.data, args.cf, args.out, args.data_root, args.seed, ds))
     if args.method == "collm":
-        m = collm.CoLLM(llm, tok, yes_no, cf_model, r=args.r or 8, alpha=args.alpha or 16,
-                        targets=tuple(args.lora_targets.split(",")), tune_lora=args.tune_lora, **kw)
+        m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
         stage1 = os.path.join(args.out, args.data, "tallrec", "trainable.safetensors")
         if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
             print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
