@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from llama import Tokenizer
+from llama import Tokenizer, proj_dims
 
 
 # ----------------------------------------------------------------------------- prompts -> token ids
@@ -57,12 +57,11 @@ def encode_split(tok, ds, split, template):
     texts = data.prompts(ds, split, template)
     if template != "collm":
         return [tok.encode(t) for t in texts], None
-    seqs, slots = [], []
+    seqs, slots, placeholder = [], [], max(tok.sp.unk_id(), 0)
     for t in texts:
         head, rest = t.split(data.USER_TOKEN)
         mid, tail = rest.split(data.ITEM_TOKEN)
         a, b, c = tok.encode(head), tok.encode(mid, bos=False), tok.encode(tail, bos=False)
-        placeholder = max(tok.sp.unk_id(), 0)
         seqs.append(a + [placeholder] + b + [placeholder] + c)
         slots.append((len(a), len(a) + 1 + len(b)))
     return seqs, np.array(slots, dtype=np.int64)
@@ -104,11 +103,9 @@ class LoRA(nn.Module):
     def __init__(self, args, r=8, alpha=16, targets=("q", "v"), layers=None):
         super().__init__()
         self.scale, self.keys = alpha / r, [(l, p) for l in (layers or range(args.n_layers)) for p in targets]
-        kv, q = args.n_kv_heads * args.head_dim, args.n_heads * args.head_dim
-        d_in = dict(q=args.dim, k=args.dim, v=args.dim, o=q, gate=args.dim, up=args.dim, down=args.hidden_dim)
-        d_out = dict(q=q, k=kv, v=kv, o=args.dim, gate=args.hidden_dim, up=args.hidden_dim, down=args.dim)
-        self.A = nn.ParameterList(nn.Parameter(torch.empty(r, d_in[p])) for _, p in self.keys)
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(d_out[p], r)) for _, p in self.keys)
+        dims = proj_dims(args)                                                 # {proj: (d_out, d_in)}
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(r, dims[p][1])) for _, p in self.keys)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(dims[p][0], r)) for _, p in self.keys)
         for a in self.A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 

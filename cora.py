@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from collm import RecLLM
+from llama import proj_dims
 
 WEIGHT_TYPES = {"qk": ("q", "k"), "qkv": ("q", "k", "v"), "qko": ("q", "k", "o"), "qkvo": ("q", "k", "v", "o"),
                 "qkvof": ("q", "k", "v", "o", "gate", "up", "down")}
@@ -100,9 +101,8 @@ class CoRA(RecLLM):
         self.generator = QueryGenerator(width, n_queries, n_blocks, n_heads, ffn_dim, gen_dropout)
         self.fc = nn.Linear(width, a.dim * r)                                  # W_FC
         self.fc_ffn = nn.Linear(width, a.hidden_dim * r) if "down" in WEIGHT_TYPES[weight_types] else None
-        d_out = dict(q=a.n_heads * a.head_dim, k=a.n_kv_heads * a.head_dim, v=a.n_kv_heads * a.head_dim,
-                     o=a.dim, gate=a.hidden_dim, up=a.hidden_dim, down=a.dim)
-        self.proj = nn.ParameterDict({f"{l}_{p}": nn.Parameter(torch.zeros(d_out[p], r)) for l, p in self.targets})  # W_proj^T, zero
+        dims = proj_dims(a)                                                     # {proj: (d_out, d_in)}
+        self.proj = nn.ParameterDict({f"{l}_{p}": nn.Parameter(torch.zeros(dims[p][0], r)) for l, p in self.targets})  # W_proj^T, zero
         assert not any(p.requires_grad for p in self.llm.parameters()) and not any(p.requires_grad for p in self.cf.parameters())
 
     def factor(self, head, q):

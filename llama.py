@@ -132,6 +132,13 @@ def rope_freqs(args, device):
     return inv
 
 
+def proj_dims(args):
+    """{projection: (d_out, d_in)} of one layer's weights, the shapes a delta pair (A, B) must fit."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return dict(q=(q, args.dim), k=(kv, args.dim), v=(kv, args.dim), o=(args.dim, q),
+                gate=(args.hidden_dim, args.dim), up=(args.hidden_dim, args.dim), down=(args.dim, args.hidden_dim))
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
