@@ -331,6 +331,8 @@ def load_tsv(root, name="ml-1m", kind="movie", n_history=10):
     repeated = np.ones(len(item_ids), bool)
     repeated[np.unique(item_ids, return_index=True)[1]] = False
     _check(path, lines, repeated, lambda k: f"duplicate iid {item_ids[k]}")
+    untitled = np.array([not t.strip() for t in cols["title"]], bool)
+    _check(path, lines, untitled, lambda k: f"iid {item_ids[k]} has an empty title (prompts need one)")
     n_items = int(item_ids.max()) + 1
     titles, known = [""] * n_items, np.zeros(n_items, bool)
     for i, t in zip(item_ids.tolist(), cols["title"]):

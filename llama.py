@@ -31,6 +31,7 @@ Deliberate choices:
 
 Run `python llama.py --ckpt DIR --prompt "..."` to generate, `python llama.py --bench [--ckpt DIR]` to time.
 """
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")  # the projections a delta may target
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # of frozen weights; trainable ones stay fp32
+
+
+def autocast():
+    """bf16 autocast on CUDA (frozen weights in bf16, trainable ones fp32, losses fp32); a no-op on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
 
 
 class CheckpointError(ValueError):
@@ -384,6 +392,15 @@ def load_llama(folder, dtype=torch.float32, device="cpu"):
     return model.eval().requires_grad_(False)
 
 
+def load(folder, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) of an HF LLaMA folder; the tokenizer is checked against config.json before the weights load."""
+    tok, args = Tokenizer(folder), ModelArgs.from_config(folder)
+    if tok.n_words > args.vocab_size:
+        raise CheckpointError(f"{tok.path} has {tok.n_words} pieces but {folder}/config.json says vocab_size "
+                              f"{args.vocab_size}: the tokenizer belongs to another model")
+    return load_llama(folder, dtype, device), tok
+
+
 def save_llama(model, folder, tokenizer_path=None):
     """Write config.json + model.safetensors (HF names), atomically; copy a tokenizer.model if given."""
     from safetensors.torch import save_file
@@ -432,7 +449,10 @@ def prefault(model):
     return model
 
 
-def _peak_rss_mb():
+def peak_memory_mb():
+    """This process's peak memory so far: the CUDA allocator's on GPU, the maximum RSS on CPU."""
+    if DEVICE == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -450,14 +470,27 @@ def _measure_child(build, args, reps, out):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     step = build(*args)                     # set-up (weights, inputs) is not counted in the peak
-    base = _peak_rss_mb()
+    base = peak_memory_mb()
     sec = _time(step, reps)
-    out.put((sec, _peak_rss_mb() - base))
+    out.put((sec, peak_memory_mb() - base))
+
+
+def _measure_cuda(build, args, reps):
+    torch.manual_seed(0)
+    step = build(*args)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sec = _time(lambda: (step(), torch.cuda.synchronize()), reps)
+    return sec, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def measure(build, *args, reps=3):
-    """(seconds per call, peak MB above set-up) of the step `build(*args)` returns, in a fresh process so that
-    the process's max RSS is this case's peak alone. `build` must be a module-level function."""
+    """(seconds per call, peak MB above set-up) of the step `build(*args)` returns. On CPU in a fresh process,
+    so that the process's max RSS is this case's peak alone (`build` must be a module-level function); on CUDA
+    in this process, from the allocator's peak."""
+    if DEVICE == "cuda":
+        return _measure_cuda(build, args, reps * 5)
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -470,25 +503,29 @@ def measure(build, *args, reps=3):
 
 def _bench_step(case, ckpt, B, T):
     if case.startswith("merge"):  # one d x d projection with per-example rank-r increments
-        d, r = 2048, 8
-        x, W = torch.randn(B, T, d), torch.randn(d, d) / d ** 0.5
+        d, r, kw = 2048, 8, dict(device=DEVICE, dtype=DTYPE)
+        x, W = torch.randn(B, T, d, **kw), torch.randn(d, d, **kw) / d ** 0.5
         train = case.endswith("train")
-        A = (torch.randn(B, r, d) / d ** 0.5).requires_grad_(train)
-        Bf = (torch.randn(B, d, r) / r ** 0.5).requires_grad_(train)
+        A = (torch.randn(B, r, d, **kw) / d ** 0.5).requires_grad_(train)
+        Bf = (torch.randn(B, d, r, **kw) / r ** 0.5).requires_grad_(train)
         if case.startswith("merge-delta"):
             f = lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT
         else:
             f = lambda: torch.bmm(x, (W + Bf @ A).mT)  # (B, d, d) materialised per example
         return (lambda: f().square().mean().backward()) if train else torch.no_grad()(f)
-    model = prefault(load_llama(ckpt))
-    a, r = model.args, 8
-    tokens = torch.randint(0, a.vocab_size, (B, T))
+    model = prefault(load_llama(ckpt, DTYPE, DEVICE))
+    a, r, dims = model.args, 8, proj_dims(model.args)
+    tokens = torch.randint(0, a.vocab_size, (B, T), device=DEVICE)
     if case == "forward":
         return lambda: torch.no_grad()(model)(tokens, last_only=True)
-    lora = {(l, p): (torch.randn(r, a.dim).mul(0.02).requires_grad_(),
-                     torch.zeros(a.n_heads * a.head_dim if p == "q" else a.n_kv_heads * a.head_dim, r).requires_grad_())
-            for l in range(a.n_layers) for p in ("q", "v")}
-    return lambda: model(tokens, deltas=lora, last_only=True).sum().backward()
+    lora = {(l, p): (torch.randn(r, a.dim, device=DEVICE).mul(0.02).requires_grad_(),
+                     torch.zeros(dims[p][0], r, device=DEVICE).requires_grad_()) for l in range(a.n_layers) for p in "qv"}
+
+    def step():
+        with autocast():
+            loss = model(tokens, deltas=lora, last_only=True).float().sum()
+        loss.backward()
+    return step
 
 
 def bench(ckpt, B=8, T=160):
@@ -499,7 +536,7 @@ def bench(ckpt, B=8, T=160):
             continue
         sec, mb = res[case] = measure(_bench_step, case, ckpt, B, T)
         extra = f"{B * T / sec:9.0f} tokens/s" if not case.startswith("merge") else f"{B / sec:9.1f} examples/s"
-        print(f"{case:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB")
+        print(f"{case:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB  ({DEVICE}, {DTYPE})")
     for mode in ("", " train"):
         (t1, m1), (t2, m2) = res["merge-delta" + mode], res["merge-materialised" + mode]
         print(f"per-example delta vs materialised merge{mode or ' forward'} (d=2048, r=8, B={B}, T={T}): "

@@ -851,3 +851,195 @@ def test_toy_end_to_end_cora_learns_and_collm_runs(tmp_path):
     stage1, stage2 = (load_file(tmp_path / "toy" / m / "trainable.safetensors") for m in ("tallrec", "collm"))
     assert all(k.startswith("lora.") for k in stage1) and all(k.startswith("cie.") for k in stage2)
     assert json.load(open(tmp_path / "toy" / "collm" / "results.json"))["test"]["n"] == 200
+
+
+# ----------------------------------------------------------------------------- robustness: bad input, resume, numerics
+
+@pytest.fixture(scope="module")
+def toy_llm(tmp_path_factory):
+    import train
+    return train.toy_llm(data.make_toy(), str(tmp_path_factory.mktemp("toy-llm")))
+
+
+def _edit_tsv(root, name, edit):
+    """Toy data as a TSV folder (data.save_tsv) with `edit(lines) -> lines` applied to one file."""
+    if not os.path.isdir(root):
+        data.save_tsv(data.make_toy(), str(root))
+    path = os.path.join(root, name)
+    lines = open(path, encoding="utf-8").read().rstrip("\n").split("\n")
+    open(path, "w", encoding="utf-8").write("\n".join(edit(lines)) + "\n")
+    return ["--data", "ml-1m", "--data-root", str(root)]
+
+
+def _only_label(lines, label):
+    col = lines[0].split("\t").index("label")
+    return lines[:1] + [l for l in lines[1:] if l.split("\t")[col] == label]
+
+
+def _set_line(n, f):
+    return lambda lines: lines[:n - 1] + [f(lines[n - 1].split("\t"))] + lines[n:]
+
+
+def _broken_llm(tmp, llm, what):
+    folder = str(tmp / "llm")
+    if not os.path.isdir(folder):
+        import shutil
+        shutil.copytree(llm, folder)
+    st, cfg = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    c = json.load(open(cfg))
+    if what == "truncated":
+        blob = open(st, "rb").read()
+        open(st, "wb").write(blob[: len(blob) // 2])
+    elif what == "header lies":
+        blob = bytearray(open(st, "rb").read())
+        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
+        open(st, "wb").write(bytes(blob))
+    elif what == "config sizes":
+        json.dump({**c, "hidden_size": c["hidden_size"] * 2}, open(cfg, "w"))
+    elif what == "tokenizer vocab":
+        json.dump({**c, "vocab_size": c["vocab_size"] // 2}, open(cfg, "w"))
+    elif what == "tokenizer garbage":
+        open(os.path.join(folder, "tokenizer.model"), "wb").write(b"\x00 not a sentencepiece model")
+    return ["--llm", folder]
+
+
+def _state(tmp, what):
+    """A state.safetensors for --resume: truncated, or from a run with other settings."""
+    run = tmp / "toy" / "tallrec"
+    os.makedirs(run, exist_ok=True)
+    path = str(run / "state.safetensors")
+    save_file({"model.x": torch.zeros(3)}, path, metadata={"state": json.dumps({"step": 3, "args": {"lr": 0.5}})})
+    if what == "truncated":
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:-5])
+    return ["--resume"]
+
+
+def _cf_ckpt(tmp, what):
+    import train
+    path = str(tmp / "toy" / "mf" / "cf.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if what == "garbage":
+        open(path, "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    elif what == "other data":
+        cf.save_cf(path, cf.MF(5, 5, 4), {"dataset": "ml-1m"})
+    elif what == "stage1 truncated":  # CoLLM's step 1: a TALLRec LoRA cut short
+        train.run_cf("toy", "mf", str(tmp), log=lambda *a: None)
+        lora = tmp / "toy" / "tallrec" / "trainable.safetensors"
+        os.makedirs(lora.parent, exist_ok=True)
+        save_file({"lora.A.0": torch.zeros(8, 64)}, str(lora))
+        lora.write_bytes(lora.read_bytes()[:-9])
+        return ["--method", "collm"]
+    return ["--method", "cora"]
+
+
+# (id, setup(tmp, toy_llm) -> extra argv, error class, text the message must contain). SystemExit = argparse.
+BAD_INPUTS = [
+    ("unknown method", lambda t, l: ["--method", "bert4rec"], SystemExit, "--method"),
+    ("unknown weight type", lambda t, l: ["--weight-types", "qq"], SystemExit, "--weight-types"),
+    ("unknown dataset", lambda t, l: ["--data", "netflix"], SystemExit, "--data"),
+    ("non-numeric lr", lambda t, l: ["--lr", "fast"], SystemExit, "--lr"),
+    ("missing --llm folder", lambda t, l: ["--llm", str(t / "nowhere")], FileNotFoundError, "--llm"),
+    ("batch larger than data", lambda t, l: ["--batch-size", "100000"], ValueError, "--batch-size 100000"),
+    ("no data folder", lambda t, l: ["--data", "ml-1m", "--data-root", str(t / "nowhere")], FileNotFoundError, "nowhere"),
+    ("malformed TSV line", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(5, lambda f: "1\t2\t1")),
+     ValueError, "train.tsv:5"),
+    ("unknown item id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(7, lambda f: "\t".join(f[:1] + ["9999"] + f[2:]))),
+     ValueError, "train.tsv:7"),
+    ("missing title", lambda t, l: _edit_tsv(t / "tsv", "items.tsv", _set_line(3, lambda f: f[0] + "\t ")),
+     ValueError, "items.tsv:3"),
+    ("empty split", lambda t, l: _edit_tsv(t / "tsv", "test.tsv", lambda lines: lines[:1]), ValueError, "test.tsv"),
+    ("one-class valid split", lambda t, l: _edit_tsv(t / "tsv", "valid.tsv", lambda lines: _only_label(lines, "1")),
+     ValueError, "valid split"),
+    ("truncated weights", lambda t, l: _broken_llm(t, l, "truncated"), CheckpointError, "model.safetensors"),
+    ("header claims more bytes", lambda t, l: _broken_llm(t, l, "header lies"), CheckpointError, "model.safetensors"),
+    ("config disagrees with tensors", lambda t, l: _broken_llm(t, l, "config sizes"), CheckpointError, "config.json"),
+    ("tokenizer larger than embedding", lambda t, l: _broken_llm(t, l, "tokenizer vocab"), CheckpointError, "tokenizer.model"),
+    ("corrupt tokenizer", lambda t, l: _broken_llm(t, l, "tokenizer garbage"), CheckpointError, "tokenizer.model"),
+    ("corrupt CF checkpoint", lambda t, l: _cf_ckpt(t, "garbage"), ValueError, "mf/cf.safetensors"),
+    ("CF checkpoint of another dataset", lambda t, l: _cf_ckpt(t, "other data"), ValueError, "'ml-1m'"),
+    ("truncated CoLLM step-1 LoRA", lambda t, l: _cf_ckpt(t, "stage1 truncated"), CheckpointError, "tallrec/trainable.safetensors"),
+    ("--resume without a checkpoint", lambda t, l: ["--resume"], FileNotFoundError, "state.safetensors"),
+    ("--resume a truncated checkpoint", lambda t, l: _state(t, "truncated"), CheckpointError, "state.safetensors"),
+    ("--resume another run's checkpoint", lambda t, l: _state(t, "other run"), ValueError, "'lr': (0.5, 0.001)"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_clear_error_nothing_left_behind(tmp_path, toy_llm, capsys, case):
+    import train
+    _, setup, error, text = case
+    argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "2", "--threads", "1"]
+    argv += setup(tmp_path, toy_llm)
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(error) as e:
+        train.main(train.cli().parse_args(argv))
+    message = capsys.readouterr().err.strip().splitlines()[-1] if error is SystemExit else str(e.value)
+    assert text in message and "Traceback" not in message, message
+    assert error is not SystemExit or e.value.code == 2 and message.startswith("train.py: error: argument")
+    left = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert not [p for p in left if p.suffix in (".tmp", ".safetensors", ".json", ".tsv")], left
+
+
+def _train_log(tmp, *argv):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", "1", *argv],
+                            env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
+    """CoRA (dropout in the generator and on the delta path: the RNG state matters): SIGKILL after a checkpoint,
+    --resume, and the predictions equal an uninterrupted run's; a second uninterrupted run is identical too."""
+    argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "12", "--eval-every", "6", "--ckpt-every", "2",
+            "--train-limit", "200", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "16", "--warmup", "4"]
+    runs = {name: tmp_path / name for name in ("a", "b", "killed")}
+    for p in (_train_log(runs["a"], *argv), _train_log(runs["b"], *argv)):
+        assert p.wait() == 0, p.stdout.read()
+    p, state = _train_log(runs["killed"], *argv), runs["killed"] / "toy" / "cora-qkvo" / "state.safetensors"
+    while not state.exists() and p.poll() is None:
+        time.sleep(0.01)
+    p.kill()  # SIGKILL right after the first checkpoint
+    p.wait()
+    assert p.returncode == -9 and not (runs["killed"] / "toy" / "cora-qkvo" / "results.json").exists()
+    p = _train_log(runs["killed"], *argv, "--resume")
+    log = p.communicate()[0]
+    assert p.returncode == 0, log
+    step = int(re.search(r"resumed from .* at step (\d+)", log).group(1))
+    assert 0 < step < 12
+    preds = {k: (v / "toy" / "cora-qkvo" / "predictions.tsv").read_text() for k, v in runs.items()}
+    assert preds["a"] == preds["b"] == preds["killed"]
+    res = {k: json.load(open(v / "toy" / "cora-qkvo" / "results.json"))["test"] for k, v in runs.items()}
+    assert abs(res["a"]["auc"] - res["killed"]["auc"]) < 1e-6 and res["a"]["auc"] == res["b"]["auc"]
+    assert not state.exists()  # a finished run leaves trainable.safetensors + results.json only
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys):
+    """lr 1e30 blows the LoRA up after one step: the run stops at step 2 naming the last good checkpoint."""
+    import train
+    argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "6", "--lr", "1e30",
+            "--warmup", "0", "--ckpt-every", "1", "--eval-every", "100", "--threads", "1", "--train-limit", "64"]
+    with pytest.raises(FloatingPointError) as e:
+        train.main(train.cli().parse_args(argv))
+    state = tmp_path / "toy" / "tallrec" / "state.safetensors"
+    assert "step 2: non-finite" in str(e.value) and str(state) in str(e.value) and state.exists()
+    with pytest.raises(FloatingPointError, match="10 steps in a row"):
+        train.main(train.cli().parse_args(argv + ["--skip-nonfinite"]))
+
+
+# ----------------------------------------------------------------------------- the comparison in one command
+
+def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
+    import train
+    _train(tmp_path, "--method", "all", "--llm", toy_llm, "--max-steps", "2", "--eval-every", "2",
+           "--train-limit", "64", "--valid-limit", "64", "--test-limit", "64")
+    summary = json.load(open(tmp_path / "toy" / "all.json"))
+    assert list(summary["rows"]) == ["mf", "lightgcn", "tallrec", "collm", "cora-qkvo"]
+    table = (tmp_path / "toy" / "all.md").read_text()
+    assert all(f"| {name} |" in table for name in ("MF", "LightGCN", "TALLRec", "CoLLM-MF", "CoRA-MF"))
+    for name, (row,) in summary["rows"].items():  # every row is that run's own results.json
+        own = json.load(open(tmp_path / "toy" / name / "results.json"))
+        assert row["test"] == own["test"] and row["peak_memory_mb"] > 0 and row["trainable_params"] > 0
+    fake = {"mf": [{"test": {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}, "wall_time_s": 1.0,
+                    "trainable_params": 5, "peak_memory_mb": 1.0} for a in (0.6, 0.7)]}
+    assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | 0.6486 / 0.6396 |"
+            in train.comparison_table("ml-1m", fake))

@@ -3,6 +3,7 @@ train.py: one command for every method of the comparison.
 
     python train.py --method mf|lightgcn [--data toy|ml-1m|amazon-book]      CF pretraining (CoLLM's baselines)
     python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
+    python train.py --method all [--seeds 3] [--lgcn] [--data ...] [--llm DIR]  the whole comparison, one table
     python train.py --bench [--data ml-1m --llm DIR]                          CoRA vs shared LoRA step time/memory
 
 Every run writes runs/<data>/<method>/{results.json, predictions.tsv, <weights>.safetensors} atomically:
@@ -13,7 +14,9 @@ step 1); without --llm the toy run builds a tiny untrained LLaMA + tokenizer (to
 The LLM training loop (run_llm) is CoLLM's runner, flattened: AdamW on the trainable parameters (weight decay on
 matrices only), linear warm-up then cosine decay, gradient accumulation, grad-norm clipping, validation every
 --eval-every steps, early stopping on valid AUC after --patience validations without gain, test metrics of the
-best state. --train-limit / --valid-limit / --test-limit take seeded subsets for CPU-sized runs.
+best state. --train-limit / --valid-limit / --test-limit take seeded subsets for CPU-sized runs. It saves a
+resumable state.safetensors (save_state) every --ckpt-every steps; --resume continues bit-exactly; a NaN/inf loss
+or gradient stops the run naming the step and that checkpoint. On CUDA the frozen LLM is bf16 under autocast.
 
 CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M
 MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
@@ -33,6 +36,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 import cf
@@ -56,6 +60,12 @@ HYPER = ("dim", "lr", "wd", "batch_size", "epochs", "patience", "init_std")
 
 def run_dir(out, data_name, method):
     return os.path.join(out, data_name, method)
+
+
+def run_name(method, cf_name="mf", weight_types="qkvo"):
+    """The run folder's name: mf, lightgcn, tallrec, collm, cora-qkvo; "-lightgcn" for CoLLM/CoRA on LightGCN."""
+    name = f"cora-{weight_types}" if method == "cora" else method
+    return name + (f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else "")
 
 
 def markdown_table(method, results, wall_s):
@@ -92,7 +102,8 @@ def run_cf(data_name, method, out="runs", data_root=None, seed=2023, overrides=N
     checkpoint = os.path.join(folder, "cf.safetensors")
     cf.save_cf(checkpoint, model, {"dataset": data_name, "seed": seed, **hp})
     result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
-                  wall_time_s=time.time() - t0, checkpoint=checkpoint)
+                  wall_time_s=time.time() - t0, checkpoint=checkpoint, peak_memory_mb=llama.peak_memory_mb(),
+                  trainable_params=sum(p.numel() for p in model.parameters()))
     write_results(folder, ds.test, cf.predict(model, ds.test), result)
     log(markdown_table(method, {"valid": result["valid"], "test": result["test"]}, result["wall_time_s"]))
     return model, result
@@ -152,8 +163,13 @@ def build_llm_method(args, ds, llm, tok, yes_no):
         stage1 = os.path.join(args.out, args.data, "tallrec", "trainable.safetensors")
         if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
             print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
-            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec"}))
-        m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in load_file(stage1).items()})  # strict
+            resume = args.resume and os.path.isfile(os.path.join(os.path.dirname(stage1), "state.safetensors"))
+            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": resume}))
+        llama.read_header(stage1)  # truncated or foreign: one CheckpointError naming the file
+        try:
+            m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in load_file(stage1).items()})  # strict
+        except RuntimeError as e:
+            raise ValueError(f"{stage1} is not a TALLRec LoRA of this LLM and --r/--lora-targets ({e})") from None
         return m
     return cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
@@ -164,7 +180,8 @@ def predict(model, seqs, slots, split, batch_size, device):
     model.eval()
     scores = np.zeros(len(split), dtype=np.float32)
     for idx in collm.batches([len(s) for s in seqs], batch_size, shuffle=False):
-        scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).float().cpu().numpy()
+        with llama.autocast():
+            scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).float().cpu().numpy()
     return scores
 
 
@@ -175,20 +192,84 @@ def limit(split, n, seed):
     return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
 
 
+# Arguments that do not change what a run computes, so --resume accepts them changed.
+RESUME_FREE = ("resume", "threads", "max_minutes", "eval_batch_size", "ckpt_every", "skip_nonfinite")
+
+
+def save_state(path, model, opt, best, meta):
+    """Everything a run needs to continue, in one safetensors file written atomically (temp + fsync + rename):
+    trainable weights, AdamW moments, the best weights so far, the RNG states; the counters in its metadata."""
+    t = {f"model.{k}": v for k, v in model.trainable_state().items()}
+    t.update({f"best.{k}": v for k, v in (best or {}).items()})
+    for i, state in opt.state_dict()["state"].items():
+        t.update({f"opt.{i}.{k}": v for k, v in state.items()})
+    t["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        t["rng.cuda"] = torch.cuda.get_rng_state()
+    blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in t.items()}, {"state": json.dumps(meta)})
+    data.atomic_write(path, blob)
+
+
+def load_state(path, model, opt, args):
+    """Restore save_state's file into model and opt; returns (best weights or None, counters)."""
+    llama.read_header(path)  # a truncated or foreign file: one CheckpointError naming it, before reading tensors
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("state", "null")) or {}
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    diff = {k: (v, vars(args).get(k)) for k, v in meta.get("args", {}).items()
+            if k not in RESUME_FREE and v != vars(args).get(k)}
+    if "step" not in meta or diff:
+        raise ValueError(f"{path}: not a checkpoint of this run (settings that differ, saved vs now: {diff}); "
+                         f"resume with the same arguments or start afresh without --resume")
+    own = model.trainable_state()
+    weights = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
+    if set(weights) != set(own) or any(weights[k].shape != v.shape for k, v in own.items()):
+        raise ValueError(f"{path}: its trainable tensors do not match this model's; start afresh without --resume")
+    model.load_state_dict(weights, strict=False)
+    sd = opt.state_dict()
+    sd["state"] = {int(i): {} for i in {k.split(".")[1] for k in t if k.startswith("opt.")}}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"][int(i)][name] = v
+    opt.load_state_dict(sd)
+    torch.set_rng_state(t["rng.torch"])
+    if "rng.cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng.cuda"])
+    best = {k.removeprefix("best."): v.to(own[k.removeprefix("best.")].device) for k, v in t.items() if k.startswith("best.")}
+    return best or None, meta
+
+
+def check_split(split, name, path_hint):
+    if len(split) == 0:
+        raise ValueError(f"the {name} split of {path_hint} is empty")
+    if not 0 < split.label.sum() < len(split):
+        raise ValueError(f"the {name} split of {path_hint} holds only label {int(split.label[0])} rows: AUC is "
+                         f"undefined; every split needs both clicks and non-clicks")
+
+
 def run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, dtype = llama.DEVICE, llama.DTYPE  # CUDA + bf16 frozen LLM when present, else CPU + fp32
     ds = data.load_dataset(args.data, args.data_root)
-    out = os.path.join(args.out, args.data, args.method if args.method != "cora" else f"cora-{args.weight_types}")
-    os.makedirs(out, exist_ok=True)
+    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
+              "test": limit(ds.test, args.test_limit, args.seed)}
+    for name, split in splits.items():
+        check_split(split, name, f"--data {args.data}")
+    if args.batch_size * args.accum > len(splits["train"]):
+        raise ValueError(f"--batch-size {args.batch_size} x --accum {args.accum} is larger than the "
+                         f"{len(splits['train'])} train rows")
+    out = os.path.join(args.out, args.data, run_name(args.method, args.cf, args.weight_types))
+    state_path, ckpt = os.path.join(out, "state.safetensors"), os.path.join(out, "trainable.safetensors")
+    if args.resume and not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: no checkpoint {state_path} to resume from (the run finished, or never "
+                                f"saved one); run without --resume")
     folder = args.llm or toy_llm(ds, os.path.join(args.out, args.data))
-    llm, tok = llama.load_llama(folder, device=device), llama.Tokenizer(folder)
+    llm, tok = llama.load(folder, dtype, device)
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
     model = build_llm_method(args, ds, llm, tok, yes_no).to(device)
-    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
-              "test": limit(ds.test, args.test_limit, args.seed)}
     enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -202,47 +283,80 @@ def run_llm(args):
             return args.warmup_lr + (args.lr - args.warmup_lr) * step / args.warmup
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
 
+    # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch
+    best, c = None, dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0)
+    if args.resume:
+        best, meta = load_state(state_path, model, opt, args)
+        c = {k: meta[k] for k in c}
+        print(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
     print(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
           f"{total} steps of {args.batch_size}x{args.accum}, device {device}")
-    best, best_auc, bad, step, seen, tl = None, -1.0, 0, 0, 0, time.time()
     seqs, slots = enc["train"]
-    ckpt = os.path.join(out, "trainable.safetensors")
-    while step < total and bad < args.patience:
-        for group in collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + step):
+    tl, seen, skipped, out_of_time = time.time(), 0, 0, False
+    os.makedirs(out, exist_ok=True)
+    while c["step"] < total and c["bad"] < args.patience and not out_of_time:
+        groups = collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + c["epoch_start"])
+        for group in groups[c["pos"]:]:
             model.train()
             loss_sum = 0.0
             for idx in np.array_split(group, args.accum):
                 b = collm.collate(tok, seqs, slots, splits["train"], idx, device)
-                loss = F.binary_cross_entropy_with_logits(model(b), b["label"]) * len(idx) / len(group)
+                with llama.autocast():
+                    loss = F.binary_cross_entropy_with_logits(model(b), b["label"]) * len(idx) / len(group)
                 loss.backward()
                 loss_sum += loss.item()
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
+                g["lr"] = lr_at(c["step"])
+            norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            if not math.isfinite(loss_sum) or not torch.isfinite(norm):
+                last = state_path if os.path.isfile(state_path) else "none saved yet"
+                msg = (f"step {c['step'] + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}"
+                       f" (loss {loss_sum}); last good checkpoint: {last}")
+                skipped += 1
+                if not args.skip_nonfinite or skipped >= 10:
+                    raise FloatingPointError(msg + ("; 10 steps in a row were non-finite" if args.skip_nonfinite else
+                                                    "; lower --lr and --resume, or pass --skip-nonfinite"))
+                print(msg + "; step skipped (--skip-nonfinite)")
+                opt.zero_grad(set_to_none=True)
+                c["pos"] += 1
+                continue  # the step counter does not advance: the batch is dropped
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step, seen = step + 1, seen + len(group)
-            if step % args.eval_every == 0 or step == total:
+            skipped = 0
+            c["step"], c["pos"], seen = c["step"] + 1, c["pos"] + 1, seen + len(group)
+            step = c["step"]
+            out_of_time = bool(args.max_minutes) and time.time() - tl > 60 * args.max_minutes
+            evaluate = step % args.eval_every == 0 or step == total or out_of_time
+            if evaluate:
                 valid = cf.evaluate(splits["valid"], predict(model, *enc["valid"], splits["valid"], args.eval_batch_size, device))
-                if valid["auc"] > best_auc:
-                    best_auc, bad = valid["auc"], 0
+                if valid["auc"] > c["best_auc"]:
+                    c["best_auc"], c["bad"] = valid["auc"], 0
                     best = {k: v.detach().clone() for k, v in model.trainable_state().items()}
                     data.atomic_write(ckpt, safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()}))
                 else:
-                    bad += 1
+                    c["bad"] += 1
                 rate = seen / (time.time() - tl)
                 print(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
-                      f"uauc {valid['uauc'] or float('nan'):.4f} best {best_auc:.4f} | {rate:.1f} ex/s, "
+                      f"uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | {rate:.1f} ex/s, "
                       f"eta {(total - step) * len(group) / rate / 60:.1f} min")
-            if step >= total or bad >= args.patience:
+            if evaluate or step % (args.ckpt_every or args.eval_every) == 0:
+                save_state(state_path, model, opt, best, {**c, "args": vars(args)})
+            if step >= total or c["bad"] >= args.patience or out_of_time:
                 break
+        else:  # the epoch ran out: the next one starts here, with its own batch order
+            c["epoch_start"], c["pos"] = c["step"], 0
+    if out_of_time:
+        print(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
     model.load_state_dict(best, strict=False)
     scores = predict(model, *enc["test"], splits["test"], args.eval_batch_size, device)
     test = cf.evaluate(splits["test"], scores)
-    result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=best_auc, steps=step,
+    result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=c["best_auc"], steps=c["step"],
                   trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
-                  test_rows=len(splits["test"]), llm=folder, device=device, test=test)
+                  test_rows=len(splits["test"]), llm=folder, device=device, test=test,
+                  peak_memory_mb=llama.peak_memory_mb())
     write_results(out, splits["test"], scores, result)
+    if os.path.isfile(state_path):
+        os.remove(state_path)  # the run is complete: trainable.safetensors + results.json are what it leaves
     table = markdown_table(args.method, {"test": test}, result["wall_time_s"])
     cf_dir = run_dir(args.out, args.data, args.cf)
     if os.path.isfile(os.path.join(cf_dir, "results.json")):  # the CF model on exactly the same test rows, beside it
@@ -257,17 +371,23 @@ def run_llm(args):
 def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size):
     """One training step of CoRA or of a shared LoRA with the same rank and targets, on a real batch."""
     ds = data.load_dataset(data_name, data_root)
-    llm, tok = llama.prefault(llama.load_llama(folder)), llama.Tokenizer(folder)
+    llm, tok = llama.load(folder, llama.DTYPE, llama.DEVICE)
+    llama.prefault(llm)
     split = ds.train.subset(np.arange(batch_size))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
-    b = collm.collate(tok, seqs, None, split, np.arange(batch_size), "cpu")
+    b = collm.collate(tok, seqs, None, split, np.arange(batch_size), llama.DEVICE)
     yes_no = collm.answer_ids(tok, tok.decode(seqs[0]))
     if method == "CoRA":
         m = cora.CoRA(llm, tok, yes_no, cf.MF(ds.n_users, ds.n_items, 256), weight_types=weight_types, r=r, alpha=2 * r)
     else:
         m = collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r, targets=cora.WEIGHT_TYPES[weight_types])
-    m.train()
-    return lambda: F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
+    m.to(llama.DEVICE).train()
+
+    def step():
+        with llama.autocast():
+            loss = F.binary_cross_entropy_with_logits(m(b), b["label"])
+        loss.backward()
+    return step
 
 
 def bench(args):
@@ -282,14 +402,91 @@ def bench(args):
     print(f"CoRA / shared LoRA ({args.weight_types}, r={r}, batch {B}): {t1 / t0:.2f}x time, {m1 / m0:.2f}x peak memory")
 
 
+# ----------------------------------------------------------------------------- the comparison: --method all
+
+# Paper Table 3 (AUC, UAUC), Vicuna-7B for the LLM methods: what --method all prints alongside.
+PAPER = {"ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "tallrec": (0.7044, 0.6741),
+                   "collm": (0.7028, 0.6714), "collm-lightgcn": (0.7164, 0.6842), "cora-qkvo": (0.7361, 0.6884),
+                   "cora-qkvo-lightgcn": (0.7128, 0.6966)},
+         "amazon-book": {"mf": (0.7105, 0.5543), "lightgcn": (0.7026, 0.5619), "tallrec": (0.6583, 0.4971),
+                         "collm": (0.8021, 0.5782), "collm-lightgcn": (0.7835, 0.5663), "cora-qkvo": (0.8179, 0.6262),
+                         "cora-qkvo-lightgcn": (0.7886, 0.5689)}}
+DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
+           "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN"}
+ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
+ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
+
+
+def to_argv(args, **override):
+    """args (with overrides) back to this program's command line, options at their default left out."""
+    argv = []
+    for a in cli()._actions:
+        v = override.get(a.dest, getattr(args, a.dest, None))
+        if not a.option_strings or a.dest == "help" or v == a.default:
+            continue
+        argv += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], str(v)]
+    return argv
+
+
+def run_all(args):
+    """Every method of the comparison, one child process each (so each row's peak memory is its own), for each
+    seed; then one table, markdown + JSON, with the paper's numbers alongside."""
+    import subprocess
+    import sys
+    seeds = [args.seed + k for k in range(args.seeds)]
+    rows, t0 = {}, time.time()
+    for seed in seeds:
+        out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{seed}")
+        for method, cf_name in ALL + (ALL_LGCN if args.lgcn else []):
+            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False)
+            print(f"\n$ python train.py {' '.join(argv)}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+            name = run_name(method, cf_name, args.weight_types)
+            with open(os.path.join(out, args.data, name, "results.json")) as f:
+                rows.setdefault(name, []).append(json.load(f))
+    table = comparison_table(args.data, rows)
+    summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
+               "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
+                                 trainable_params=r.get("trainable_params"), peak_memory_mb=r.get("peak_memory_mb"))
+                            for r in v] for k, v in rows.items()}}
+    os.makedirs(os.path.join(args.out, args.data), exist_ok=True)
+    data.atomic_write(os.path.join(args.out, args.data, "all.md"), table + "\n")
+    data.atomic_write(os.path.join(args.out, args.data, "all.json"), json.dumps(summary, indent=2) + "\n")
+    print(f"\n{table}\n\nwritten to {os.path.join(args.out, args.data, 'all.md')} and all.json")
+    return summary
+
+
+def comparison_table(data_name, rows):
+    """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3."""
+    def stat(rs, key):
+        v = [r["test"][key] for r in rs if r["test"][key] is not None]
+        if not v:
+            return "-"
+        return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
+    paper = PAPER.get(data_name, {})
+    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | paper AUC / UAUC | wall time | trainable params | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        p = paper.get(name)
+        lines.append(f"| {DISPLAY.get(name, name)} | {stat(rs, 'auc')} | {stat(rs, 'uauc')} | {stat(rs, 'warm_auc')} | {stat(rs, 'cold_auc')} "
+                     f"| {f'{p[0]:.4f} / {p[1]:.4f}' if p else '-'} | {np.mean([r['wall_time_s'] for r in rs]):.0f} s "
+                     f"| {rs[0].get('trainable_params', 0):,} | {max(r.get('peak_memory_mb', 0) for r in rs):,.0f} MB |")
+    return "\n".join(lines)
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bench:
         return bench(args)
+    if args.method == "all":
+        return run_all(args)
     if args.method in CF_METHODS:
         torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
         return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
+    if args.llm and not os.path.isfile(os.path.join(args.llm, "config.json")):
+        raise FileNotFoundError(f"--llm {args.llm}: no such Hugging Face LLaMA folder (config.json + model.safetensors"
+                                f" + tokenizer.model); convert one as README.md shows, or omit --llm for the toy LLM")
     defaults = {**LLM_BASE, **LLM_DEFAULTS[args.method], **(TOY_LLM if args.data == "toy" and not args.llm else {})}
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -297,9 +494,12 @@ def main(args):
     return run_llm(args)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS)
+def cli():
+    """The command line (a function so that tests can parse argument lists)."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[1])
+    parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS + ("all",))
+    parser.add_argument("--seeds", type=int, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
+    parser.add_argument("--lgcn", action="store_true", help="--method all: add CoLLM-LGCN and CoRA-LGCN")
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
     parser.add_argument("--out", default="runs")
@@ -333,11 +533,21 @@ if __name__ == "__main__":
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     g.add_argument("--clip", type=float, help="gradient-norm clipping")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs)")
+    g.add_argument("--max-minutes", type=float, default=0, help="stop training (validate, then test) after this long")
     g.add_argument("--train-limit", type=int, default=0, help="train on a seeded random subset of this many rows")
     g.add_argument("--valid-limit", type=int, default=0, help="validate on a seeded subset of this many rows")
     g.add_argument("--test-limit", type=int, default=0, help="test on a seeded subset of this many rows")
+    g.add_argument("--resume", action="store_true", help="continue from <run>/state.safetensors (same arguments)")
+    g.add_argument("--ckpt-every", type=int, default=0, help="steps between resumable checkpoints (default: --eval-every)")
+    g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
+                   "instead of stopping")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = cli()
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line (llama.CheckpointError is a ValueError)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line (CheckpointError is a ValueError)
         parser.exit(2, f"train.py: error: {e}\n")
