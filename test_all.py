@@ -1043,3 +1043,25 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
                     "trainable_params": 5, "peak_memory_mb": 1.0} for a in (0.6, 0.7)]}
     assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | 0.6486 / 0.6396 |"
             in train.comparison_table("ml-1m", fake))
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
+    """DDP over the trainable parameters (gloo, CPU): 2 processes x 8 rows = 1 process x 16 rows, step for step."""
+    argv = ["--method", "tallrec", "--llm", toy_llm, "--max-steps", "6", "--eval-every", "3", "--batch-size", "16",
+            "--train-limit", "160", "--valid-limit", "100", "--test-limit", "100", "--lora-dropout", "0",
+            "--warmup", "2", "--threads", "1"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    train_py = os.path.join(HERE, "train.py")
+    for cmd in ([sys.executable, train_py, "--out", str(tmp_path / "one"), *argv],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", train_py,
+                 "--out", str(tmp_path / "two"), *argv]):
+        p = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = {k: json.load(open(tmp_path / k / "toy" / "tallrec" / "results.json")) for k in ("one", "two")}
+    assert res["two"]["processes"] == 2 and res["one"]["processes"] == 1 and res["two"]["steps"] == 6
+    pred = {k: np.loadtxt(tmp_path / k / "toy" / "tallrec" / "predictions.tsv", skiprows=1) for k in ("one", "two")}
+    assert np.array_equal(pred["one"][:, :3], pred["two"][:, :3])
+    assert np.abs(pred["one"][:, 3] - pred["two"][:, 3]).max() < 1e-4
+    assert abs(res["one"]["test"]["auc"] - res["two"]["test"]["auc"]) < 1e-3
+    lora = load_file(tmp_path / "two" / "toy" / "tallrec" / "trainable.safetensors")
+    assert max(v.abs().max().item() for k, v in lora.items() if ".B." in k) > 1e-4  # it trained: not a trivial match

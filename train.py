@@ -27,6 +27,7 @@ wd 2e-4 0.6722 / 0.6471; wd 3e-4 0.6590 / 0.6378 (init N(0, 0.1) unless said); w
 d 64 0.6711 / 0.6466, lr 3e-3 0.6704 / 0.6449. Chosen by valid: wd 1.5e-4, init N(0, 0.1) (test AUC 0.6492).
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -35,9 +36,11 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
+from torch.nn.parallel import DistributedDataParallel
 
 import cf
 import collm
@@ -157,7 +160,7 @@ def build_llm_method(args, ds, llm, tok, yes_no):
     lora = dict(r=args.r or 8, alpha=args.alpha or 16, targets=tuple(args.lora_targets.split(",")), **kw)
     if args.method == "tallrec":
         return collm.TALLRec(llm, tok, yes_no, **lora)
-    cf_model = cf.load_cf(cf_checkpoint(args.data, args.cf, args.out, args.data_root, args.seed, ds))
+    cf_model = cf.load_cf(rank0_first(cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds))
     if args.method == "collm":
         m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
         stage1 = os.path.join(args.out, args.data, "tallrec", "trainable.safetensors")
@@ -177,12 +180,36 @@ def build_llm_method(args, ds, llm, tok, yes_no):
 
 @torch.no_grad()
 def predict(model, seqs, slots, split, batch_size, device):
+    """Scores of every row; under torchrun each rank scores every world-th batch and all ranks gather them all."""
     model.eval()
+    rank, world = rank_world()
+    mine = collm.batches([len(s) for s in seqs], batch_size, shuffle=False)[rank::world]
     scores = np.zeros(len(split), dtype=np.float32)
-    for idx in collm.batches([len(s) for s in seqs], batch_size, shuffle=False):
+    for idx in mine:
         with llama.autocast():
             scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).float().cpu().numpy()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, [(idx, scores[idx]) for idx in mine])
+        for idx, s in (pair for part in parts for pair in part):
+            scores[idx] = s
     return scores
+
+
+def rank_world():
+    """(rank, number of processes) under torchrun, else (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank0_first(fn, *a, **kw):
+    """fn on rank 0 first (it may build and write files), then on the other ranks (they find them built)."""
+    rank, world = rank_world()
+    if rank > 0:
+        dist.barrier()
+    out = fn(*a, **kw)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return out
 
 
 def limit(split, n, seed):
@@ -252,6 +279,8 @@ def run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
     device, dtype = llama.DEVICE, llama.DTYPE  # CUDA + bf16 frozen LLM when present, else CPU + fp32
+    rank, world = rank_world()  # torchrun: every rank trains on 1/world of each global batch; rank 0 writes
+    log = print if rank == 0 else (lambda *a, **kw: None)
     ds = data.load_dataset(args.data, args.data_root)
     splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
               "test": limit(ds.test, args.test_limit, args.seed)}
@@ -265,7 +294,7 @@ def run_llm(args):
     if args.resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"--resume: no checkpoint {state_path} to resume from (the run finished, or never "
                                 f"saved one); run without --resume")
-    folder = args.llm or toy_llm(ds, os.path.join(args.out, args.data))
+    folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
     llm, tok = llama.load(folder, dtype, device)
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
@@ -273,6 +302,12 @@ def run_llm(args):
     enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
+    net = model
+    if world > 1:  # DDP all-reduces the trainable parameters' gradients only; frozen LLM/CF weights are left out of it
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
+                                      broadcast_buffers=False)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr)
     steps_per_epoch = math.ceil(len(splits["train"]) / args.batch_size / args.accum)
@@ -288,23 +323,31 @@ def run_llm(args):
     if args.resume:
         best, meta = load_state(state_path, model, opt, args)
         c = {k: meta[k] for k in c}
-        print(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
-    print(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
-          f"{total} steps of {args.batch_size}x{args.accum}, device {device}")
+        log(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
+    log(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
+        f"{total} steps of {args.batch_size}x{args.accum}, device {device}" + (f", {world} processes" if world > 1 else ""))
     seqs, slots = enc["train"]
     tl, seen, skipped, out_of_time = time.time(), 0, 0, False
     os.makedirs(out, exist_ok=True)
     while c["step"] < total and c["bad"] < args.patience and not out_of_time:
         groups = collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + c["epoch_start"])
         for group in groups[c["pos"]:]:
-            model.train()
+            if len(group) < world * args.accum:  # an epoch's remainder too small for every process and micro-batch
+                c["pos"] += 1
+                continue
+            net.train()
             loss_sum = 0.0
-            for idx in np.array_split(group, args.accum):
+            for k, idx in enumerate(np.array_split(group[rank::world], args.accum)):  # this rank's micro-batches
                 b = collm.collate(tok, seqs, slots, splits["train"], idx, device)
-                with llama.autocast():
-                    loss = F.binary_cross_entropy_with_logits(model(b), b["label"]) * len(idx) / len(group)
-                loss.backward()
-                loss_sum += loss.item()
+                with net.no_sync() if world > 1 and k < args.accum - 1 else contextlib.nullcontext():
+                    with llama.autocast():  # DDP averages over ranks: weight world * |idx| / |group| gives the global mean
+                        loss = F.binary_cross_entropy_with_logits(net(b), b["label"]) * len(idx) * world / len(group)
+                    loss.backward()
+                loss_sum += loss.item() / world
+            if world > 1:  # the global loss: the log and the NaN check agree on every rank
+                t = torch.tensor([loss_sum], device=device)
+                dist.all_reduce(t)
+                loss_sum = t.item()
             for g in opt.param_groups:
                 g["lr"] = lr_at(c["step"])
             norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -316,7 +359,7 @@ def run_llm(args):
                 if not args.skip_nonfinite or skipped >= 10:
                     raise FloatingPointError(msg + ("; 10 steps in a row were non-finite" if args.skip_nonfinite else
                                                     "; lower --lr and --resume, or pass --skip-nonfinite"))
-                print(msg + "; step skipped (--skip-nonfinite)")
+                log(msg + "; step skipped (--skip-nonfinite)")
                 opt.zero_grad(set_to_none=True)
                 c["pos"] += 1
                 continue  # the step counter does not advance: the batch is dropped
@@ -332,28 +375,31 @@ def run_llm(args):
                 if valid["auc"] > c["best_auc"]:
                     c["best_auc"], c["bad"] = valid["auc"], 0
                     best = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-                    data.atomic_write(ckpt, safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()}))
+                    if rank == 0:
+                        data.atomic_write(ckpt, safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()}))
                 else:
                     c["bad"] += 1
                 rate = seen / (time.time() - tl)
-                print(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
+                log(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
                       f"uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | {rate:.1f} ex/s, "
                       f"eta {(total - step) * len(group) / rate / 60:.1f} min")
-            if evaluate or step % (args.ckpt_every or args.eval_every) == 0:
+            if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
                 save_state(state_path, model, opt, best, {**c, "args": vars(args)})
             if step >= total or c["bad"] >= args.patience or out_of_time:
                 break
         else:  # the epoch ran out: the next one starts here, with its own batch order
             c["epoch_start"], c["pos"] = c["step"], 0
     if out_of_time:
-        print(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
+        log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
     model.load_state_dict(best, strict=False)
     scores = predict(model, *enc["test"], splits["test"], args.eval_batch_size, device)
     test = cf.evaluate(splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=c["best_auc"], steps=c["step"],
                   trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
                   test_rows=len(splits["test"]), llm=folder, device=device, test=test,
-                  peak_memory_mb=llama.peak_memory_mb())
+                  peak_memory_mb=llama.peak_memory_mb(), processes=world)
+    if rank > 0:
+        return result
     write_results(out, splits["test"], scores, result)
     if os.path.isfile(state_path):
         os.remove(state_path)  # the run is complete: trainable.safetensors + results.json are what it leaves
@@ -481,6 +527,13 @@ def main(args):
         return bench(args)
     if args.method == "all":
         return run_all(args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
+        if args.method not in LLM_METHODS:
+            raise ValueError(f"--method {args.method}: torchrun runs the LLM methods (tallrec, collm, cora); "
+                             f"train CF models and --method all with plain python")
+        dist.init_process_group("nccl" if llama.DEVICE == "cuda" else "gloo")
+        if llama.DEVICE == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if args.method in CF_METHODS:
         torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
         return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
@@ -491,7 +544,11 @@ def main(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    return run_llm(args)
+    try:
+        return run_llm(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cli():
