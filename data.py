@@ -35,6 +35,7 @@ Deliberate deviations from the pandas notebooks:
 import gzip
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,11 @@ def build_prompt(ds, history_iids, target_iid, template="tallrec"):
     items, item = ("books", "book") if ds.kind == "book" else ("movies", "movie")
     target = '"' + ds.titles[target_iid].strip(" ") + '"'
     return TEMPLATES[template].format(items=items, item=item, history=history, target=target)
+
+
+def id_only(ds):
+    """The same data with every title replaced by a neutral "item <iid>" (paper Fig. 6: text vs ID-only prompts)."""
+    return dataclasses.replace(ds, titles=[t and f"item {i}" for i, t in enumerate(ds.titles)])
 
 
 def prompts(ds, split, template="tallrec"):

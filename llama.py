@@ -269,6 +269,40 @@ class Llama(nn.Module):
         return tokens
 
 
+# ----------------------------------------------------------------------------- language-model scores (paper Fig. 1)
+
+@torch.no_grad()
+def perplexity(model, tok, text, window=256, max_tokens=4096, batch=4, deltas=None):
+    """exp(mean next-token NLL) over the first max_tokens tokens of text, in independent windows."""
+    ids = tok.encode(text, bos=False)[: max_tokens + 1]
+    n = (len(ids) - 1) // window
+    if n == 0:
+        raise ValueError(f"perplexity needs more than {window} tokens of text, got {len(ids)}")
+    x = torch.tensor(ids[: n * window + 1], device=model.embed_tokens.weight.device)
+    inputs, targets = x[:-1].view(n, window), x[1:].view(n, window)      # (n, window) each
+    nll = 0.0
+    for i in range(0, n, batch):
+        with autocast():
+            logits = model(inputs[i:i + batch], deltas=deltas).float()  # (b, window, V)
+        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + batch].flatten(), reduction="sum").item()
+    return math.exp(nll / (n * window))
+
+
+@torch.no_grad()
+def answer_logprob(model, tok, prompts, answers, deltas=None):
+    """log P(answer | prompt), summed over the answer's tokens, for each (prompt, answer) pair: (N,)."""
+    seqs, n_answer = [], []
+    for p, a in zip(prompts, answers):
+        head, full = tok.encode(p), tok.encode(p + a)
+        full = full if full[:len(head)] == head and len(full) > len(head) else head + tok.encode(a, bos=False)
+        seqs.append(full)
+        n_answer.append(len(full) - len(head))
+    tokens, mask = tok.batch(seqs, model.embed_tokens.weight.device)   # left padded: answers end every row
+    with autocast():
+        logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
+    return torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:

@@ -491,6 +491,17 @@ def test_toy_dataset_deterministic_schema_and_signal():
         assert len(history[k]) == earlier.sum()       # no timestamp ties in the toy data
 
 
+def test_id_only_prompts_have_no_titles_and_the_same_items():
+    ds = data.make_toy()
+    ids = data.id_only(ds)
+    for template in ("tallrec", "collm"):
+        for a, b, h, i in zip(data.prompts(ds, "test", template)[:300], data.prompts(ids, "test", template),
+                              ds.test.history, ds.test.iid):
+            assert not any(ds.titles[j] in b for j in [*h.tolist(), i] if ds.titles[j])
+            assert a.count('"') == b.count('"') and b.count('"item ') == a.count('"') // 2 - 2  # same items; "Yes", "No"
+            assert f'titled "item {i}"' in b
+
+
 def test_prompt_text_exact():
     ds = _tiny_dataset()
     assert data.build_prompt(ds, np.array([3, 1, 2]), 2) == (
@@ -1030,12 +1041,13 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys
 
 def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     import train
-    _train(tmp_path, "--method", "all", "--llm", toy_llm, "--max-steps", "2", "--eval-every", "2",
+    _train(tmp_path, "--method", "all", "--ablation", "text", "--llm", toy_llm, "--max-steps", "2", "--eval-every", "2",
            "--train-limit", "64", "--valid-limit", "64", "--test-limit", "64")
     summary = json.load(open(tmp_path / "toy" / "all.json"))
-    assert list(summary["rows"]) == ["mf", "lightgcn", "tallrec", "collm", "cora-qkvo"]
+    llm_runs = ["tallrec", "collm", "cora-qkvo"]
+    assert list(summary["rows"]) == ["mf", "lightgcn", *llm_runs, *(f"{r}-id-only" for r in llm_runs)]
     table = (tmp_path / "toy" / "all.md").read_text()
-    assert all(f"| {name} |" in table for name in ("MF", "LightGCN", "TALLRec", "CoLLM-MF", "CoRA-MF"))
+    assert all(f"| {name} |" in table for name in ("MF", "LightGCN", "TALLRec", "CoLLM-MF", "CoRA-MF", "CoRA-MF (ID-only)"))
     for name, (row,) in summary["rows"].items():  # every row is that run's own results.json
         own = json.load(open(tmp_path / "toy" / name / "results.json"))
         assert row["test"] == own["test"] and row["peak_memory_mb"] > 0 and row["trainable_params"] > 0
@@ -1065,3 +1077,50 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
     assert abs(res["one"]["test"]["auc"] - res["two"]["test"]["auc"]) < 1e-3
     lora = load_file(tmp_path / "two" / "toy" / "tallrec" / "trainable.safetensors")
     assert max(v.abs().max().item() for k, v in lora.items() if ".B." in k) > 1e-4  # it trained: not a trivial match
+
+
+# ----------------------------------------------------------------------------- general ability (paper Fig. 1)
+
+def test_general_ability_scores_match_naive_and_zero_lora_changes_nothing(toy_llm):
+    model, tok = llama.load(toy_llm)
+    text = " ".join(data.prompts(data.make_toy(), "test")[:40])
+    ppl = llama.perplexity(model, tok, text, window=64, max_tokens=256, batch=3)
+    ids = torch.tensor(tok.encode(text, bos=False)[:257])
+    naive = [F.cross_entropy(model(ids[i:i + 64][None])[0], ids[i + 1:i + 65]).item() for i in range(0, 256, 64)]
+    assert math.isfinite(ppl) and abs(ppl - math.exp(np.mean(naive))) < 1e-3 * ppl
+    prompts, answers = ["The Haunted", "#Question: A user"], [" Harbor (1987)", " has"]
+    lp = llama.answer_logprob(model, tok, prompts, answers)
+    for p, a, got in zip(prompts, answers, lp):
+        head, full = tok.encode(p), tok.encode(p + a)
+        logp = model(torch.tensor([full])).log_softmax(-1)[0]
+        want = sum(logp[t - 1, full[t]].item() for t in range(len(head), len(full)))
+        assert abs(got.item() - want) < 1e-4
+    lora = collm.LoRA(model.args, r=4, alpha=8, targets=("q", "v", "down")).deltas()  # B = 0: the base LLM exactly
+    assert llama.perplexity(model, tok, text, window=64, max_tokens=256, batch=3, deltas=lora) == ppl
+    assert torch.equal(llama.answer_logprob(model, tok, prompts, answers, deltas=lora), lp)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SMOL, "model.safetensors")), reason=f"no SmolLM2 in {SMOL}")
+def test_smollm2_cloze_accuracy_clearly_above_chance():
+    import train
+    model, tok = llama.load(SMOL)
+    rows = [l.rstrip("\n").split("\t") for l in open(train.CLOZE, encoding="utf-8")][1:]
+    assert len(rows) >= 50 and all(len(r) == 3 and r[1] != r[2] for r in rows)
+    p, right, wrong = zip(*rows)
+    acc = (llama.answer_logprob(model, tok, p, right) > llama.answer_logprob(model, tok, p, wrong)).float().mean()
+    assert acc > 0.85, acc  # 63 of 65 measured
+
+
+def test_eval_general_rebuilds_trained_runs(tmp_path, toy_llm, capsys):
+    import train
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(data.prompts(data.make_toy(), "valid")[:30]))
+    base = ["--out", str(tmp_path), "--llm", toy_llm, "--threads", "1"]
+    for method in ("tallrec", "cora"):
+        train.main(train.cli().parse_args(base + ["--method", method, "--max-steps", "3", "--eval-every", "3",
+                                                  "--train-limit", "64", "--valid-limit", "50", "--test-limit", "50"]))
+    runs = [str(tmp_path / "toy" / r) for r in ("tallrec", "cora-qkvo")]
+    res = train.main(train.cli().parse_args(base + ["--eval-general", "--general-text", str(text), "--adapter", *runs]))
+    assert list(res) == ["base LLM", *runs] and all(math.isfinite(v["perplexity"]) for v in res.values())
+    assert res[runs[0]]["perplexity"] != res["base LLM"]["perplexity"] != res[runs[1]]["perplexity"]
+    assert "| base LLM |" in capsys.readouterr().out

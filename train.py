@@ -65,10 +65,12 @@ def run_dir(out, data_name, method):
     return os.path.join(out, data_name, method)
 
 
-def run_name(method, cf_name="mf", weight_types="qkvo"):
-    """The run folder's name: mf, lightgcn, tallrec, collm, cora-qkvo; "-lightgcn" for CoLLM/CoRA on LightGCN."""
+def run_name(method, cf_name="mf", weight_types="qkvo", prompt="text"):
+    """The run folder's name: mf, lightgcn, tallrec, collm, cora-qkvo; "-lightgcn" for CoLLM/CoRA on LightGCN,
+    "-id-only" for prompts without titles."""
     name = f"cora-{weight_types}" if method == "cora" else method
-    return name + (f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else "")
+    name += f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else ""
+    return name + ("-id-only" if method in LLM_METHODS and prompt == "id-only" else "")
 
 
 def markdown_table(method, results, wall_s):
@@ -163,7 +165,7 @@ def build_llm_method(args, ds, llm, tok, yes_no):
     cf_model = cf.load_cf(rank0_first(cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds))
     if args.method == "collm":
         m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
-        stage1 = os.path.join(args.out, args.data, "tallrec", "trainable.safetensors")
+        stage1 = os.path.join(args.out, args.data, run_name("tallrec", prompt=args.prompt), "trainable.safetensors")
         if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
             print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
             resume = args.resume and os.path.isfile(os.path.join(os.path.dirname(stage1), "state.safetensors"))
@@ -282,6 +284,7 @@ def run_llm(args):
     rank, world = rank_world()  # torchrun: every rank trains on 1/world of each global batch; rank 0 writes
     log = print if rank == 0 else (lambda *a, **kw: None)
     ds = data.load_dataset(args.data, args.data_root)
+    ds = data.id_only(ds) if args.prompt == "id-only" else ds
     splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
               "test": limit(ds.test, args.test_limit, args.seed)}
     for name, split in splits.items():
@@ -289,7 +292,7 @@ def run_llm(args):
     if args.batch_size * args.accum > len(splits["train"]):
         raise ValueError(f"--batch-size {args.batch_size} x --accum {args.accum} is larger than the "
                          f"{len(splits['train'])} train rows")
-    out = os.path.join(args.out, args.data, run_name(args.method, args.cf, args.weight_types))
+    out = os.path.join(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
     state_path, ckpt = os.path.join(out, "state.safetensors"), os.path.join(out, "trainable.safetensors")
     if args.resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"--resume: no checkpoint {state_path} to resume from (the run finished, or never "
@@ -459,6 +462,7 @@ PAPER = {"ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "tallre
                          "cora-qkvo-lightgcn": (0.7886, 0.5689)}}
 DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
            "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN"}
+DISPLAY.update({f"{k}-id-only": f"{v} (ID-only)" for k, v in DISPLAY.items()})
 ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
 ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
 
@@ -483,11 +487,14 @@ def run_all(args):
     rows, t0 = {}, time.time()
     for seed in seeds:
         out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{seed}")
-        for method, cf_name in ALL + (ALL_LGCN if args.lgcn else []):
-            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False)
+        runs = [(m, c, "text") for m, c in ALL + (ALL_LGCN if args.lgcn else [])]
+        runs += [(m, c, "id-only") for m, c, _ in runs if m in LLM_METHODS] if args.ablation == "text" else []
+        for method, cf_name, prompt in runs:
+            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False, ablation=None,
+                           prompt=prompt)
             print(f"\n$ python train.py {' '.join(argv)}", flush=True)
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
-            name = run_name(method, cf_name, args.weight_types)
+            name = run_name(method, cf_name, args.weight_types, prompt)
             with open(os.path.join(out, args.data, name, "results.json")) as f:
                 rows.setdefault(name, []).append(json.load(f))
     table = comparison_table(args.data, rows)
@@ -520,11 +527,66 @@ def comparison_table(data_name, rows):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- general ability (paper Fig. 1)
+
+CLOZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cloze.tsv")  # prompt, right answer, wrong answer
+
+
+def general_ability(args, n_pairs=8):
+    """Perplexity on general English text and accuracy on a cloze set (right answer more likely than wrong), for the
+    base LLM and for the LLM as each trained run in --adapter leaves it: TALLRec/CoLLM with their LoRA applied,
+    CoRA with the W_c of n_pairs seeded test (user, item) pairs (averaged)."""
+    llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
+    with open(args.general_text, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    with open(CLOZE, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    prompts, right, wrong = zip(*rows)
+
+    def scores(deltas_list):
+        ppl = [llama.perplexity(llm, tok, text, deltas=d) for d in deltas_list]
+        acc = [(llama.answer_logprob(llm, tok, prompts, right, d) > llama.answer_logprob(llm, tok, prompts, wrong, d))
+               .float().mean().item() for d in deltas_list]
+        return dict(perplexity=float(np.mean(ppl)), cloze_accuracy=float(np.mean(acc)))
+
+    res = {"base LLM": scores([None])}
+    for run in args.adapter or []:
+        path = os.path.join(run, "results.json")
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(run, "trainable.safetensors")):
+            raise FileNotFoundError(f"--adapter {run}: expected a finished LLM run folder (results.json + "
+                                    f"trainable.safetensors), e.g. runs/ml-1m/cora-qkvo")
+        with open(path) as f:
+            a = argparse.Namespace(**{**vars(cli().parse_args([])), **json.load(f)["args"], "resume": False})
+        ds = data.load_dataset(a.data, a.data_root)
+        yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
+        m = build_llm_method(a, ds, llm, tok, yes_no).to(llama.DEVICE).eval()
+        m.load_state_dict(load_file(os.path.join(run, "trainable.safetensors"), device=llama.DEVICE), strict=False)
+        if a.method == "cora":
+            k = np.random.default_rng(args.seed).choice(len(ds.test), n_pairs, replace=False)
+            uid, iid = (torch.as_tensor(v[k], device=llama.DEVICE) for v in (ds.test.uid, ds.test.iid))
+            with torch.no_grad():
+                deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1]) for j in range(n_pairs)]
+        else:
+            deltas = [m.lora.deltas()]
+        res[run] = scores(deltas)
+    base = res["base LLM"]
+    lines = ["| LLM as left by | perplexity | change | cloze accuracy | change |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['perplexity']:.2f} | {v['perplexity'] / base['perplexity'] - 1:+.1%} | "
+              f"{v['cloze_accuracy']:.3f} | {v['cloze_accuracy'] - base['cloze_accuracy']:+.3f} |" for k, v in res.items()]
+    print(f"general ability of {args.llm} ({args.general_text}, first 4,096 tokens; {CLOZE}, {len(rows)} items)")
+    print("\n".join(lines))
+    return res
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bench:
         return bench(args)
+    if args.eval_general:
+        if not args.llm:
+            raise ValueError("--eval-general needs --llm PATH (the base LLM the runs in --adapter were trained on)")
+        return general_ability(args)
     if args.method == "all":
         return run_all(args)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
@@ -557,6 +619,9 @@ def cli():
     parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS + ("all",))
     parser.add_argument("--seeds", type=int, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
     parser.add_argument("--lgcn", action="store_true", help="--method all: add CoLLM-LGCN and CoRA-LGCN")
+    parser.add_argument("--ablation", choices=("text",), help="--method all: each LLM method also with --prompt id-only")
+    parser.add_argument("--prompt", default="text", choices=("text", "id-only"),
+                        help="id-only: every title becomes \"item <id>\" (paper Fig. 6)")
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
     parser.add_argument("--out", default="runs")
@@ -598,6 +663,9 @@ def cli():
     g.add_argument("--ckpt-every", type=int, default=0, help="steps between resumable checkpoints (default: --eval-every)")
     g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
                    "instead of stopping")
+    g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm and --adapter runs")
+    g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
+    g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
     return parser
 
