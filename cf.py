@@ -1,4 +1,4 @@
-"""Collaborative-filtering encoders (MF, LightGCN): AUC/UAUC metrics, pretraining and checkpoints.
+"""Collaborative-filtering encoders (MF, LightGCN, SASRec): AUC/UAUC metrics, pretraining and checkpoints.
 
 CoLLM and CoRA (arXiv 2408.10645) feed the LLM the user/item embeddings of a CF model that is pretrained on the click
 labels and then frozen; embed(uid, iid) -> (e_u, e_i) is what the LLM methods read. Official facts followed
@@ -9,6 +9,10 @@ minigpt4/datasets/datasets/rec_gnndataset.py, minigpt4/tasks/rec_base_task.py):
   (a repeated positive pair counts twice, as the official scipy matrix sums duplicates), final embedding = mean of
   E(0..L), init N(0, 0.1), 2 layers, score = <e_u, e_i>. In eval mode the propagated tables are computed once and cached;
   checkpoints store them, so a loaded LightGCN needs no graph.
+- SASRec (Kang & McAuley; CoLLM's baseline_train_sasrec.py): item + learned position embeddings, 2 pre-LN causal
+  self-attention blocks (4 heads, dropout 0.2) over the row's last 25 liked items; the user is the output at the last
+  position, score = <h_u, e_i>. ML-1M: d 64, lr 1e-2, wd 1e-2, batch 2048 (official). embed(uid, iid, his) reads
+  the history his (B, L); MF and LightGCN ignore it.
 - Pretraining: Adam(lr, weight_decay=wd), BCE-with-logits of the score against the label, shuffled minibatches; after
   every epoch the valid AUC; early stop when it has not improved for `patience` epochs; the best state is kept.
   Official ML-1M settings: MF d 256, lr 1e-3, wd 1e-4, batch 1024; LightGCN d 64, lr 1e-2, wd 1e-4, batch 1024.
@@ -120,16 +124,17 @@ class CFModel(nn.Module):
     from train start at 0. Subclasses define embed(uid, iid)."""
     kind = None
 
-    def __init__(self, n_users, n_items, dim, init_std, train=None):
+    def __init__(self, n_users, n_items, dim, init_std, train=None, user_table=True):
         super().__init__()
-        self.n_users, self.n_items, self.dim, self.n_layers = n_users, n_items, dim, 0
-        self.user = nn.Embedding(n_users, dim, padding_idx=0)
+        self.n_users, self.n_items, self.dim, self.n_layers, self.maxlen = n_users, n_items, dim, 0, 0
+        if user_table:
+            self.user = nn.Embedding(n_users, dim, padding_idx=0)
+            _init_table(self.user, init_std, None if train is None else train.uid)
         self.item = nn.Embedding(n_items, dim, padding_idx=0)
-        _init_table(self.user, init_std, None if train is None else train.uid)
         _init_table(self.item, init_std, None if train is None else train.iid)
 
-    def forward(self, uid, iid):                  # (B,), (B,) -> (B,) logits
-        e_u, e_i = self.embed(uid, iid)           # (B, d), (B, d)
+    def forward(self, uid, iid, his=None):        # (B,), (B,) [, (B, L)] -> (B,) logits
+        e_u, e_i = self.embed(uid, iid, his)      # (B, d), (B, d)
         return (e_u * e_i).sum(-1)
 
 
@@ -140,7 +145,7 @@ class MF(CFModel):
     def __init__(self, n_users, n_items, dim, init_std=1.0, train=None):
         super().__init__(n_users, n_items, dim, init_std, train)
 
-    def embed(self, uid, iid):
+    def embed(self, uid, iid, his=None):
         return self.user(uid), self.item(iid)     # (B, d), (B, d)
 
 
@@ -196,9 +201,69 @@ class LightGCN(CFModel):
             self.user_final = self.item_final = None
         return super().train(mode)
 
-    def embed(self, uid, iid):
+    def embed(self, uid, iid, his=None):
         users, items = self.tables()
         return users[uid], items[iid]             # (B, d), (B, d)
+
+
+MAX_HISTORY = 25  # the longest liked-item history a CF model reads (SASRec's maxlen, CoLLM's ML-1M config)
+
+
+def history_ids(history, maxlen):
+    """(N, maxlen) int64: each row's last maxlen liked items, left-padded with 0 (the most recent item last)."""
+    out = np.zeros((len(history), maxlen), np.int64)
+    for k, h in enumerate(history):
+        h = np.asarray(h[-maxlen:] if maxlen else h[:0], np.int64)
+        out[k, maxlen - len(h):] = h
+    return torch.from_numpy(out)
+
+
+class SASRec(CFModel):
+    """SASRec (Kang & McAuley, ICDM 2018) as CoLLM uses it: the user is the causal Transformer's output at the last
+    position of the row's liked-item history (his, (B, L) left-padded); score = <h_u, e_i>. Pre-LN blocks as the
+    official code (Q = LN(x), K = V = x; point-wise FFN with residual). Deviation: padded keys are masked out of
+    attention (officially they are zero vectors that still take softmax weight), so extra padding changes nothing;
+    an empty history gives h_u = 0 (no collaborative information), like an unseen user in MF."""
+    kind = "sasrec"
+
+    def __init__(self, n_users, n_items, dim=64, n_layers=2, n_heads=4, dropout=0.2, maxlen=25, init_std=None, train=None):
+        super().__init__(n_users, n_items, dim, 0.02 if init_std is None else init_std, train, user_table=False)
+        self.n_layers, self.n_heads, self.maxlen = n_layers, n_heads, maxlen
+        self.pos = nn.Embedding(maxlen, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(ln1=nn.LayerNorm(dim, eps=1e-8), qkv=nn.Linear(dim, 3 * dim),
+                                                       out=nn.Linear(dim, dim), ln2=nn.LayerNorm(dim, eps=1e-8),
+                                                       ffn=nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout),
+                                                                         nn.Linear(dim, dim))))
+                                    for _ in range(n_layers))
+        self.final, self.drop = nn.LayerNorm(dim, eps=1e-8), nn.Dropout(dropout)
+
+    def encode(self, his, every_position=False):                           # (B, L) item ids, 0 = padding
+        B, L = his.shape
+        real = his != 0                                                     # (B, L)
+        x = self.drop(self.item(his) * self.dim ** 0.5 + self.pos.weight[-L:]) * real[..., None]  # (B, L, d)
+        causal = torch.ones(L, L, dtype=torch.bool, device=his.device).tril()
+        mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=his.device)  # (B, 1, L, L)
+        for b in self.blocks:
+            q = b["ln1"](x)
+            qh, kh, vh = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in  # (B, H, L, d/H) each
+                          (F.linear(q, *_rows(b["qkv"], 0, self.dim)), F.linear(x, *_rows(b["qkv"], 1, self.dim)),
+                           F.linear(x, *_rows(b["qkv"], 2, self.dim))))
+            a = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=self.drop.p if self.training else 0.0)
+            x = q + self.drop(b["out"](a.transpose(1, 2).reshape(B, L, -1)))
+            y = b["ln2"](x)
+            x = (y + self.drop(b["ffn"](y))) * real[..., None]
+        h = self.final(x) * real[..., None]                                 # (B, L, d): 0 at padding
+        return h if every_position else h[:, -1]                            # (B, d): 0 for an empty history
+
+    def embed(self, uid, iid, his=None):
+        if his is None:
+            raise ValueError("SASRec embeds a user from the row's history: pass his (B, L)")
+        return self.encode(his[:, -self.maxlen:]), self.item(iid)            # (B, d), (B, d)
+
+
+def _rows(linear, k, d):
+    """The k-th (d, d_in) block of a fused projection's weight and bias."""
+    return linear.weight[k * d:(k + 1) * d], linear.bias[k * d:(k + 1) * d]
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -207,8 +272,8 @@ class LightGCN(CFModel):
 def predict(model, rows, batch_size=65536):
     """(N,) float64 scores (logits) of a split; puts the model in eval mode."""
     model.eval()
-    uid, iid = torch.from_numpy(rows.uid), torch.from_numpy(rows.iid)
-    return torch.cat([model(u, i) for u, i in zip(uid.split(batch_size), iid.split(batch_size))]).double().numpy()
+    uid, iid, his = torch.from_numpy(rows.uid), torch.from_numpy(rows.iid), history_ids(rows.history, model.maxlen)
+    return torch.cat([model(u, i, h) for u, i, h in zip(*(t.split(batch_size) for t in (uid, iid, his)))]).double().numpy()
 
 
 def train_cf(kind, ds, dim, lr, wd, batch_size, epochs, patience, seed, n_layers=2, init_std=None, log=print):
@@ -220,17 +285,20 @@ def train_cf(kind, ds, dim, lr, wd, batch_size, epochs, patience, seed, n_layers
         model = MF(ds.n_users, ds.n_items, dim, 1.0 if init_std is None else init_std, ds.train)
     elif kind == "lightgcn":
         model = LightGCN(ds.n_users, ds.n_items, dim, n_layers, ds.train, 0.1 if init_std is None else init_std)
+    elif kind == "sasrec":
+        model = SASRec(ds.n_users, ds.n_items, dim, n_layers, init_std=init_std, train=ds.train)
     else:
-        raise ValueError(f"unknown CF model {kind!r}; choose 'mf' or 'lightgcn'")
+        raise ValueError(f"unknown CF model {kind!r}; choose 'mf', 'lightgcn' or 'sasrec'")
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     shuffle = torch.Generator().manual_seed(seed)
     uid, iid, label = (torch.from_numpy(a) for a in (ds.train.uid, ds.train.iid, ds.train.label))
+    his = history_ids(ds.train.history, model.maxlen)                       # (N, maxlen); width 0 unless SASRec
     best_auc, best_epoch, best_state, t0 = -1.0, -1, None, time.time()
     for epoch in range(epochs):
         model.train()
         total = 0.0
         for idx in torch.randperm(len(label), generator=shuffle).split(batch_size):
-            loss = F.binary_cross_entropy_with_logits(model(uid[idx], iid[idx]), label[idx])
+            loss = F.binary_cross_entropy_with_logits(model(uid[idx], iid[idx], his[idx]), label[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -254,13 +322,15 @@ def train_cf(kind, ds, dim, lr, wd, batch_size, epochs, patience, seed, n_layers
 
 def save_cf(path, model, meta=None):
     """Write a CF model to safetensors atomically. LightGCN also stores its propagated tables (no graph needed)."""
-    tensors = {"user": model.user.weight, "item": model.item.weight}
+    tensors = ({f"sasrec.{k}": v for k, v in model.state_dict().items()} if isinstance(model, SASRec)
+               else {"user": model.user.weight, "item": model.item.weight})
     if isinstance(model, LightGCN):
         with torch.no_grad():
             tensors["user_final"], tensors["item_final"] = model.tables() if model.graph is None else model.propagate()
     header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()}
     header.update(kind=model.kind, n_users=str(model.n_users), n_items=str(model.n_items), dim=str(model.dim),
-                  n_layers=str(model.n_layers), dataset=str((meta or {}).get("dataset", "")))
+                  n_layers=str(model.n_layers), dataset=str((meta or {}).get("dataset", "")),
+                  n_heads=str(getattr(model, "n_heads", 0)), maxlen=str(model.maxlen))
     atomic_write(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header))
 
 
@@ -268,27 +338,33 @@ def load_cf(path, kind=None):
     """A frozen, eval-mode CF model from save_cf's file; model.meta holds the stored metadata."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CF checkpoint {path} not found: pretrain one with "
-                                f"`python train.py --method mf|lightgcn --data ...`")
+                                f"`python train.py --method mf|lightgcn|sasrec --data ...`")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"{path} is not a readable safetensors CF checkpoint ({e})") from None
-    if meta.get("kind") not in ("mf", "lightgcn"):
-        raise ValueError(f"{path}: metadata kind is {meta.get('kind')!r}, expected 'mf' or 'lightgcn'")
+    if meta.get("kind") not in ("mf", "lightgcn", "sasrec"):
+        raise ValueError(f"{path}: metadata kind is {meta.get('kind')!r}, expected 'mf', 'lightgcn' or 'sasrec'")
     if kind is not None and meta["kind"] != kind:
         raise ValueError(f"{path} holds a {meta['kind']} model, but {kind} was asked for")
-    need = ("user", "item") + (("user_final", "item_final") if meta["kind"] == "lightgcn" else ())
+    need = {"mf": ("user", "item"), "lightgcn": ("user", "item", "user_final", "item_final"),
+            "sasrec": ("sasrec.item.weight",)}[meta["kind"]]
     if any(k not in tensors for k in need):
         raise ValueError(f"{path}: missing tensors {[k for k in need if k not in tensors]}")
     try:
         n_users, n_items, dim, n_layers = (int(meta[k]) for k in ("n_users", "n_items", "dim", "n_layers"))
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: bad or missing metadata ({e})") from None
-    model = MF(n_users, n_items, dim) if meta["kind"] == "mf" else LightGCN(n_users, n_items, dim, n_layers)
+    if meta["kind"] == "sasrec":
+        model = SASRec(n_users, n_items, dim, n_layers, int(meta.get("n_heads", 4)), maxlen=int(meta.get("maxlen", 25)))
+        state = {k.removeprefix("sasrec."): v for k, v in tensors.items()}
+    else:
+        model = MF(n_users, n_items, dim) if meta["kind"] == "mf" else LightGCN(n_users, n_items, dim, n_layers)
+        state = {"user.weight": tensors["user"], "item.weight": tensors["item"]}
     try:
-        model.load_state_dict({"user.weight": tensors["user"], "item.weight": tensors["item"]})
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: tensor shapes do not match the metadata ({e})") from None
     model.requires_grad_(False).eval()

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from cf import MAX_HISTORY, history_ids
 from llama import Tokenizer, proj_dims
 
 
@@ -57,14 +58,17 @@ def encode_split(tok, ds, split, template):
     texts = data.prompts(ds, split, template)
     if template != "collm":
         return [tok.encode(t) for t in texts], None
-    seqs, slots, placeholder = [], [], max(tok.sp.unk_id(), 0)
-    for t in texts:
-        head, rest = t.split(data.USER_TOKEN)
-        mid, tail = rest.split(data.ITEM_TOKEN)
-        a, b, c = tok.encode(head), tok.encode(mid, bos=False), tok.encode(tail, bos=False)
-        seqs.append(a + [placeholder] + b + [placeholder] + c)
-        slots.append((len(a), len(a) + 1 + len(b)))
-    return seqs, np.array(slots, dtype=np.int64)
+    seqs, slots = zip(*(encode_placeholders(tok, t) for t in texts))
+    return list(seqs), np.array(slots, dtype=np.int64)
+
+
+def encode_placeholders(tok, text):
+    """Ids of a text holding USER_TOKEN then ITEM_TOKEN, each placeholder one token; and their positions."""
+    head, rest = text.split(data.USER_TOKEN)
+    mid, tail = rest.split(data.ITEM_TOKEN)
+    a, b, c = tok.encode(head), tok.encode(mid, bos=False), tok.encode(tail, bos=False)
+    placeholder = max(tok.sp.unk_id(), 0)
+    return a + [placeholder] + b + [placeholder] + c, (len(a), len(a) + 1 + len(b))
 
 
 def batches(lengths, batch_size, shuffle, seed=0, pool=50):
@@ -84,10 +88,12 @@ def batches(lengths, batch_size, shuffle, seed=0, pool=50):
 
 
 def collate(tok, seqs, slots, split, idx, device):
-    """One batch: left-padded tokens/mask, ids, labels, and placeholder positions shifted by the padding."""
+    """One batch: left-padded tokens/mask, ids, liked-item histories (for SASRec), labels, and placeholder positions
+    shifted by the padding."""
     tokens, mask = tok.batch([seqs[i] for i in idx], device)
     b = dict(tokens=tokens, mask=mask, uid=torch.as_tensor(split.uid[idx], device=device),
              iid=torch.as_tensor(split.iid[idx], device=device),
+             his=history_ids([split.history[i] for i in idx], MAX_HISTORY).to(device),  # (B, 25)
              label=torch.as_tensor(split.label[idx], dtype=torch.float32, device=device))
     if slots is not None:
         pad = tokens.shape[1] - mask.sum(1)                                    # (B,) left padding per row
@@ -157,11 +163,15 @@ class CoLLM(TALLRec):
         self.cie = nn.Sequential(nn.Linear(d, d * mid_times), nn.ReLU(), nn.Linear(d * mid_times, llm.args.dim))
         self.lora.requires_grad_(tune_lora)
 
-    def forward(self, batch):
+    def embed(self, tokens, uid, iid, slots, his=None):
+        """Input embeddings of prompts whose placeholder positions slots (B, 2) get g(e_u), g(e_i)."""
         with torch.no_grad():
-            e_u, e_i = self.cf.embed(batch["uid"], batch["iid"])                       # (B, d) each
+            e_u, e_i = self.cf.embed(uid, iid, his)                                     # (B, d) each
         x = self.cie(torch.stack((e_u, e_i), 1).to(self.cie[0].weight.dtype))         # (B, 2, d_model)
-        emb = self.llm.embed_tokens(batch["tokens"])                                    # (B, T, d_model)
+        emb = self.llm.embed_tokens(tokens)                                             # (B, T, d_model)
         rows = torch.arange(len(emb), device=emb.device)[:, None].expand(-1, 2)        # (B, 2)
-        emb = emb.index_put((rows, batch["slots"]), x.to(emb.dtype))                    # placeholders <- g(e)
+        return emb.index_put((rows, slots), x.to(emb.dtype))                           # placeholders <- g(e)
+
+    def forward(self, batch):
+        emb = self.embed(batch["tokens"], batch["uid"], batch["iid"], batch["slots"], batch.get("his"))
         return self.logits(batch, embeds=emb, deltas=self.lora.deltas())

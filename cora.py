@@ -110,9 +110,9 @@ class CoRA(RecLLM):
         a = F.normalize(head(q).mean(1), dim=-1)                               # (B, d_in * r)
         return a.view(len(q), -1, self.r).mT                                    # R(.): (B, d_in, r) -> (B, r, d_in)
 
-    def deltas(self, uid, iid):
+    def deltas(self, uid, iid, his=None):
         with torch.no_grad():
-            e_u, e_i = self.cf.embed(uid, iid)                                  # (B, d) each
+            e_u, e_i = self.cf.embed(uid, iid, his)                             # (B, d) each; his (B, L): SASRec
         x = torch.cat((e_u, e_i), -1)[:, None].to(self.fc.weight.dtype)         # (B, 1, 2d)
         q = self.generator(x)                                                   # (B, k, 2d)
         A = self.factor(self.fc, q)                                             # (B, r, d_model)
@@ -120,4 +120,4 @@ class CoRA(RecLLM):
         return {(l, p): (A_ffn if p == "down" else A, self.scale * self.proj[f"{l}_{p}"]) for l, p in self.targets}
 
     def forward(self, batch):
-        return self.logits(batch, deltas=self.deltas(batch["uid"], batch["iid"]))
+        return self.logits(batch, deltas=self.deltas(batch["uid"], batch["iid"], batch.get("his")))

@@ -259,11 +259,13 @@ class Llama(nn.Module):
         return F.linear(h, W)
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens, eos_id=None):
-        """Greedy decoding of one unpadded prompt (1, T) -> (1, T + n)."""
+    def generate(self, tokens, max_new_tokens, eos_id=None, *, embeds=None, deltas=None):
+        """Greedy decoding of one unpadded prompt (1, T) -> (1, T + n). embeds (1, T, d) replaces the prompt's input
+        embeddings (CoLLM's collaborative tokens); deltas apply at every step (CoRA's W_c)."""
+        h = self.embed_tokens(tokens) if embeds is None else embeds            # (1, T, d)
         for _ in range(max_new_tokens):
-            nxt = self(tokens, last_only=True).argmax(-1, keepdim=True)     # (1, 1)
-            tokens = torch.cat((tokens, nxt), 1)
+            nxt = self(embeds=h, deltas=deltas, last_only=True).argmax(-1, keepdim=True)  # (1, 1)
+            tokens, h = torch.cat((tokens, nxt), 1), torch.cat((h, self.embed_tokens(nxt)), 1)
             if eos_id is not None and nxt.item() == eos_id:
                 break
         return tokens

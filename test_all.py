@@ -702,7 +702,7 @@ class FakeCF(torch.nn.Module):
         self.dim, self.u, self.i = dim, torch.nn.Embedding(n_users, dim), torch.nn.Embedding(n_items, dim)
         torch.nn.init.normal_(self.u.weight, std=std), torch.nn.init.normal_(self.i.weight, std=std)
 
-    def embed(self, uid, iid):
+    def embed(self, uid, iid, his=None):
         return self.u(uid), self.i(iid)
 
 
@@ -794,10 +794,11 @@ def test_collm_placeholders_and_zero_cie():
     seqs = [[3, 4, 0, 5, 0, 6], [7, 0, 8, 0]]                                   # placeholder id 0 at known places
     slots = torch.tensor([[2, 4], [1, 3]]).numpy()
     split = type("S", (), dict(uid=torch.tensor([1, 2]).numpy(), iid=torch.tensor([3, 4]).numpy(),
-                               label=torch.tensor([1.0, 0.0]).numpy()))
+                               label=torch.tensor([1.0, 0.0]).numpy(), history=[np.array([5, 6]), np.array([], int)]))
     tok = PadTok()
     b = collm.collate(tok, seqs, slots, split, [0, 1], "cpu")
     assert b["slots"].tolist() == [[2, 4], [3, 5]]                             # shifted by row 2's left padding
+    assert b["his"].shape == (2, 25) and b["his"][0, -2:].tolist() == [5, 6] and not b["his"][1].any()
     assert (b["tokens"].gather(1, b["slots"]) == 0).all()
     with torch.no_grad():
         m.cie[-1].weight.zero_(), m.cie[-1].bias.zero_()                      # CIE output = 0 at the placeholders
@@ -1124,3 +1125,59 @@ def test_eval_general_rebuilds_trained_runs(tmp_path, toy_llm, capsys):
     assert list(res) == ["base LLM", *runs] and all(math.isfinite(v["perplexity"]) for v in res.values())
     assert res[runs[0]]["perplexity"] != res["base LLM"]["perplexity"] != res[runs[1]]["perplexity"]
     assert "| base LLM |" in capsys.readouterr().out
+
+
+def test_generate_with_embeds_and_deltas_matches_step_by_step(toy_llm):
+    model, tok = llama.load(toy_llm)
+    ids = torch.tensor([tok.encode("#Question: A user has given high ratings")])
+    assert torch.equal(model.generate(ids, 6, embeds=model.embed_tokens(ids)), model.generate(ids, 6))
+    torch.manual_seed(0)
+    deltas = {(l, p): (torch.randn(1, 4, 64) * 0.3, torch.randn(1, *llama.proj_dims(model.args)[p][:1], 4) * 0.3)
+              for l in range(2) for p in ("q", "o")}  # one example's per-example factors
+    want = ids
+    for _ in range(6):
+        want = torch.cat((want, model(want, deltas=deltas)[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(model.generate(ids, 6, deltas=deltas), want) and not torch.equal(want, model.generate(ids, 6))
+
+
+def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
+    import train
+    base = ["--out", str(tmp_path), "--llm", toy_llm, "--threads", "1"]
+    for method in ("collm", "cora"):  # collm trains its TALLRec step 1 first
+        train.main(train.cli().parse_args(base + ["--method", method, "--max-steps", "3", "--eval-every", "3",
+                                                  "--train-limit", "64", "--valid-limit", "50", "--test-limit", "50"]))
+    runs = [str(tmp_path / "toy" / r) for r in ("collm", "cora-qkvo")]
+    ppl, examples = train.semantic_disruption(train.cli().parse_args(base + ["--generate", "--adapter", *runs]),
+                                              n_pairs=3, max_new_tokens=5)
+    assert list(ppl) == ["base LLM", *runs] and len(examples) == 3 and all(len(t) == 3 for _, t in examples)
+    assert "| base LLM |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- SASRec, the third CF model
+
+def test_sasrec_causal_padding_ignored_and_history_read():
+    torch.manual_seed(0)
+    m = cf.SASRec(5, 40, dim=16, n_layers=2, n_heads=2, maxlen=25, init_std=0.3).eval()
+    his = torch.randint(1, 40, (3, 25))
+    his[2, :20] = 0                                                         # a short history, left-padded
+    out = m.encode(his, every_position=True)                               # (3, 25, 16)
+    later = his.clone()
+    later[:, 15:] = torch.randint(1, 40, (3, 10))                           # change only positions 15..24
+    assert torch.allclose(m.encode(later, every_position=True)[:, :15], out[:, :15], atol=1e-6)  # causal
+    assert not torch.allclose(m.encode(later), out[:, -1])
+    short = his[2:, 15:]                                                    # the same 5 items with less padding
+    assert torch.allclose(m.encode(short), out[2:, -1], atol=1e-5)          # padded keys take no attention
+    assert torch.equal(m.encode(torch.zeros(1, 25, dtype=torch.long)), torch.zeros(1, 16))  # empty history: no signal
+    with pytest.raises(ValueError, match="history"):
+        m.embed(torch.tensor([1]), torch.tensor([2]))
+
+
+def test_sasrec_learns_on_toy_and_round_trips(tmp_path):
+    ds = data.make_toy()
+    m, res = cf.train_cf("sasrec", ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=4, patience=2, seed=0,
+                         log=lambda *a: None)
+    assert res["valid"]["auc"] > 0.56 and res["test"]["auc"] > 0.56, res
+    assert res["test"]["cold_auc"] > 0.53  # unlike MF, it reads the history of cold users
+    cf.save_cf(str(tmp_path / "s.safetensors"), m, {"dataset": "toy"})
+    loaded = cf.load_cf(str(tmp_path / "s.safetensors"), kind="sasrec")
+    assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(m, ds.test))

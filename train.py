@@ -1,7 +1,7 @@
 """
 train.py: one command for every method of the comparison.
 
-    python train.py --method mf|lightgcn [--data toy|ml-1m|amazon-book]      CF pretraining (CoLLM's baselines)
+    python train.py --method mf|lightgcn|sasrec [--data toy|ml-1m|amazon-book]  CF pretraining (CoLLM's baselines)
     python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
     python train.py --method all [--seeds 3] [--lgcn] [--data ...] [--llm DIR]  the whole comparison, one table
     python train.py --bench [--data ml-1m --llm DIR]                          CoRA vs shared LoRA step time/memory
@@ -48,13 +48,16 @@ import cora
 import data
 import llama
 
-CF_METHODS = ("mf", "lightgcn")
+CF_METHODS = ("mf", "lightgcn", "sasrec")
 CF_DEFAULTS = {  # (data, method) -> hyperparameters; n_layers and init_std as cf.train_cf (None = official init)
     ("ml-1m", "mf"): dict(dim=256, lr=1e-3, wd=1.5e-4, batch_size=1024, epochs=1000, patience=50, init_std=0.1),
     ("ml-1m", "lightgcn"): dict(dim=64, lr=1e-2, wd=1e-4, batch_size=1024, epochs=1000, patience=50, init_std=None),
     ("amazon-book", "mf"): dict(dim=256, lr=1e-3, wd=1e-6, batch_size=10240, epochs=1000, patience=50, init_std=None),
     ("amazon-book", "lightgcn"): dict(dim=256, lr=1e-4, wd=1e-7, batch_size=10240, epochs=1000, patience=100,
                                       init_std=None),
+    ("ml-1m", "sasrec"): dict(dim=64, lr=1e-2, wd=1e-2, batch_size=2048, epochs=1000, patience=100, init_std=None),
+    ("amazon-book", "sasrec"): dict(dim=64, lr=1e-3, wd=1e-3, batch_size=10240, epochs=1000, patience=100, init_std=None),
+    ("toy", "sasrec"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
     ("toy", "mf"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=0.1),
     ("toy", "lightgcn"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
 }
@@ -66,7 +69,7 @@ def run_dir(out, data_name, method):
 
 
 def run_name(method, cf_name="mf", weight_types="qkvo", prompt="text"):
-    """The run folder's name: mf, lightgcn, tallrec, collm, cora-qkvo; "-lightgcn" for CoLLM/CoRA on LightGCN,
+    """The run folder's name: mf, lightgcn, sasrec, tallrec, collm, cora-qkvo; "-lightgcn"/"-sasrec" for CoLLM/CoRA on them,
     "-id-only" for prompts without titles."""
     name = f"cora-{weight_types}" if method == "cora" else method
     name += f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else ""
@@ -454,17 +457,21 @@ def bench(args):
 # ----------------------------------------------------------------------------- the comparison: --method all
 
 # Paper Table 3 (AUC, UAUC), Vicuna-7B for the LLM methods: what --method all prints alongside.
-PAPER = {"ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "tallrec": (0.7044, 0.6741),
+PAPER = {"ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "sasrec": (0.7005, 0.6734),
+                   "collm-sasrec": (0.7059, 0.6531), "cora-qkvo-sasrec": (0.7019, 0.6517), "tallrec": (0.7044, 0.6741),
                    "collm": (0.7028, 0.6714), "collm-lightgcn": (0.7164, 0.6842), "cora-qkvo": (0.7361, 0.6884),
                    "cora-qkvo-lightgcn": (0.7128, 0.6966)},
-         "amazon-book": {"mf": (0.7105, 0.5543), "lightgcn": (0.7026, 0.5619), "tallrec": (0.6583, 0.4971),
+         "amazon-book": {"mf": (0.7105, 0.5543), "lightgcn": (0.7026, 0.5619), "sasrec": (0.6675, 0.5614),
+                         "collm-sasrec": (0.7538, 0.5874), "cora-qkvo-sasrec": (0.7677, 0.5961), "tallrec": (0.6583, 0.4971),
                          "collm": (0.8021, 0.5782), "collm-lightgcn": (0.7835, 0.5663), "cora-qkvo": (0.8179, 0.6262),
                          "cora-qkvo-lightgcn": (0.7886, 0.5689)}}
 DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
-           "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN"}
+           "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN", "sasrec": "SASRec", "collm-sasrec": "CoLLM-SAS",
+           "cora-qkvo-sasrec": "CoRA-SAS"}
 DISPLAY.update({f"{k}-id-only": f"{v} (ID-only)" for k, v in DISPLAY.items()})
 ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
 ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
+ALL_SAS = [("sasrec", "mf"), ("collm", "sasrec"), ("cora", "sasrec")]
 
 
 def to_argv(args, **override):
@@ -487,10 +494,10 @@ def run_all(args):
     rows, t0 = {}, time.time()
     for seed in seeds:
         out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{seed}")
-        runs = [(m, c, "text") for m, c in ALL + (ALL_LGCN if args.lgcn else [])]
+        runs = [(m, c, "text") for m, c in ALL + (ALL_LGCN if args.lgcn else []) + (ALL_SAS if args.sas else [])]
         runs += [(m, c, "id-only") for m, c, _ in runs if m in LLM_METHODS] if args.ablation == "text" else []
         for method, cf_name, prompt in runs:
-            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False, ablation=None,
+            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None,
                            prompt=prompt)
             print(f"\n$ python train.py {' '.join(argv)}", flush=True)
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
@@ -532,6 +539,28 @@ def comparison_table(data_name, rows):
 CLOZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cloze.tsv")  # prompt, right answer, wrong answer
 
 
+def load_run(run, llm, tok):
+    """A finished LLM run folder rebuilt on llm: (its arguments, its dataset, the method with its trained weights)."""
+    path = os.path.join(run, "results.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run, "trainable.safetensors")):
+        raise FileNotFoundError(f"--adapter {run}: expected a finished LLM run folder (results.json + "
+                                f"trainable.safetensors), e.g. runs/ml-1m/cora-qkvo")
+    with open(path) as f:
+        a = argparse.Namespace(**{**vars(cli().parse_args([])), **json.load(f)["args"], "resume": False})
+    ds = data.load_dataset(a.data, a.data_root)
+    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
+    m = build_llm_method(a, ds, llm, tok, yes_no).to(llama.DEVICE).eval()
+    m.load_state_dict(load_file(os.path.join(run, "trainable.safetensors"), device=llama.DEVICE), strict=False)
+    return a, ds, m
+
+
+def sample_pairs(ds, n, seed):
+    """n seeded test rows: user ids (n,), item ids (n,), liked-item histories (n, MAX_HISTORY)."""
+    k = np.random.default_rng(seed).choice(len(ds.test), min(n, len(ds.test)), replace=False)
+    his = cf.history_ids([ds.test.history[j] for j in k], cf.MAX_HISTORY)
+    return tuple(torch.as_tensor(v, device=llama.DEVICE) for v in (ds.test.uid[k], ds.test.iid[k], his))
+
+
 def general_ability(args, n_pairs=8):
     """Perplexity on general English text and accuracy on a cloze set (right answer more likely than wrong), for the
     base LLM and for the LLM as each trained run in --adapter leaves it: TALLRec/CoLLM with their LoRA applied,
@@ -551,21 +580,11 @@ def general_ability(args, n_pairs=8):
 
     res = {"base LLM": scores([None])}
     for run in args.adapter or []:
-        path = os.path.join(run, "results.json")
-        if not os.path.isfile(path) or not os.path.isfile(os.path.join(run, "trainable.safetensors")):
-            raise FileNotFoundError(f"--adapter {run}: expected a finished LLM run folder (results.json + "
-                                    f"trainable.safetensors), e.g. runs/ml-1m/cora-qkvo")
-        with open(path) as f:
-            a = argparse.Namespace(**{**vars(cli().parse_args([])), **json.load(f)["args"], "resume": False})
-        ds = data.load_dataset(a.data, a.data_root)
-        yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
-        m = build_llm_method(a, ds, llm, tok, yes_no).to(llama.DEVICE).eval()
-        m.load_state_dict(load_file(os.path.join(run, "trainable.safetensors"), device=llama.DEVICE), strict=False)
+        a, ds, m = load_run(run, llm, tok)
         if a.method == "cora":
-            k = np.random.default_rng(args.seed).choice(len(ds.test), n_pairs, replace=False)
-            uid, iid = (torch.as_tensor(v[k], device=llama.DEVICE) for v in (ds.test.uid, ds.test.iid))
+            uid, iid, his = sample_pairs(ds, n_pairs, args.seed)
             with torch.no_grad():
-                deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1]) for j in range(n_pairs)]
+                deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) for j in range(n_pairs)]
         else:
             deltas = [m.lora.deltas()]
         res[run] = scores(deltas)
@@ -578,15 +597,66 @@ def general_ability(args, n_pairs=8):
     return res
 
 
+# ----------------------------------------------------------------------------- semantic disruption (paper Fig. 2)
+
+QUESTION = 'Describe the {item} "{title}" in one sentence:'
+QUESTION_COLLM = ("The user's preferences are encoded in the feature " + data.USER_TOKEN + '. The {item} "{title}" has '
+                  "the feature " + data.ITEM_TOKEN + '. Describe the {item} "{title}" in one sentence:')
+
+
+@torch.no_grad()
+def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
+    """Greedy answers to a free-text question about the target item: base LLM; CoLLM with its collaborative
+    embeddings in the prompt (and its LoRA); CoRA with the pair's W_c; TALLRec with its LoRA. Each answer is scored
+    by the base LLM's perplexity given the plain question (lower = still fluent, on-topic text)."""
+    llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
+    runs = [load_run(run, llm, tok) for run in args.adapter or []]
+    ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
+    uid, iid, his = sample_pairs(ds, n_pairs, args.seed)
+    item = "book" if ds.kind == "book" else "movie"
+    names = ["base LLM"] + [os.path.normpath(r) for r in args.adapter or []]
+    nll, examples = [], []
+    for j in range(len(uid)):
+        title = ds.titles[iid[j]].strip()
+        q = QUESTION.format(item=item, title=title)
+        ids = torch.tensor([tok.encode(q)], device=llama.DEVICE)
+        outs = [(ids, llm.generate(ids, max_new_tokens, tok.eos_id))]
+        for a, _, m in runs:
+            if a.method == "collm":
+                cids, slots = collm.encode_placeholders(tok, QUESTION_COLLM.format(item=item, title=title))
+                cids = torch.tensor([cids], device=llama.DEVICE)
+                emb = m.embed(cids, uid[j:j + 1], iid[j:j + 1], torch.tensor([slots], device=llama.DEVICE), his[j:j + 1])
+                outs.append((cids, llm.generate(cids, max_new_tokens, tok.eos_id, embeds=emb, deltas=m.lora.deltas())))
+            else:
+                deltas = m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) if a.method == "cora" else m.lora.deltas()
+                outs.append((ids, llm.generate(ids, max_new_tokens, tok.eos_id, deltas=deltas)))
+        texts = [tok.decode([i for i in o[0, p.shape[1]:].tolist() if i != tok.eos_id]) for p, o in outs]
+        row = []
+        for text in texts:  # mean NLL per token of the answer under the base LLM, given the plain question
+            n = len(tok.encode(q + text)) - len(tok.encode(q))
+            row.append(-llama.answer_logprob(llm, tok, [q], [text])[0].item() / n if text.strip() and n > 0 else np.nan)
+        nll.append(row)
+        examples.append((title, texts))
+    ppl = np.exp(np.nanmean(np.array(nll), 0))
+    print(f"semantic disruption: {len(uid)} test pairs of {ds.name}, greedy, {max_new_tokens} new tokens at most; "
+          f"answers scored by the base LLM given the plain question")
+    print("| LLM as left by | perplexity of its answers |\n|---|---|")
+    print("\n".join(f"| {n} | {p:.2f} |" for n, p in zip(names, ppl)))
+    for title, texts in examples[:show]:
+        print(f"\n{QUESTION.format(item=item, title=title)}")
+        print("\n".join(f"  {n}: {t.strip()!r}" for n, t in zip(names, texts)))
+    return dict(zip(names, ppl.tolist())), examples
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bench:
         return bench(args)
-    if args.eval_general:
+    if args.eval_general or args.generate:
         if not args.llm:
-            raise ValueError("--eval-general needs --llm PATH (the base LLM the runs in --adapter were trained on)")
-        return general_ability(args)
+            raise ValueError("--eval-general and --generate need --llm PATH (the base LLM of the --adapter runs)")
+        return general_ability(args) if args.eval_general else semantic_disruption(args)
     if args.method == "all":
         return run_all(args)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
@@ -619,6 +689,7 @@ def cli():
     parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS + ("all",))
     parser.add_argument("--seeds", type=int, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
     parser.add_argument("--lgcn", action="store_true", help="--method all: add CoLLM-LGCN and CoRA-LGCN")
+    parser.add_argument("--sas", action="store_true", help="--method all: add SASRec, CoLLM-SAS and CoRA-SAS")
     parser.add_argument("--ablation", choices=("text",), help="--method all: each LLM method also with --prompt id-only")
     parser.add_argument("--prompt", default="text", choices=("text", "id-only"),
                         help="id-only: every title becomes \"item <id>\" (paper Fig. 6)")
@@ -664,6 +735,7 @@ def cli():
     g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
                    "instead of stopping")
     g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm and --adapter runs")
+    g.add_argument("--generate", action="store_true", help="answers to a question about the item, base vs --adapter")
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
