@@ -1149,7 +1149,8 @@ def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
     runs = [str(tmp_path / "toy" / r) for r in ("collm", "cora-qkvo")]
     ppl, examples = train.semantic_disruption(train.cli().parse_args(base + ["--generate", "--adapter", *runs]),
                                               n_pairs=3, max_new_tokens=5)
-    assert list(ppl) == ["base LLM", *runs] and len(examples) == 3 and all(len(t) == 3 for _, t in examples)
+    assert list(ppl) == ["base LLM", "base LLM, CoLLM's prompt", *runs] and len(examples) == 3
+    assert all(len(t) == 4 for _, t in examples)
     assert "| base LLM |" in capsys.readouterr().out
 
 

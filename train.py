@@ -614,17 +614,19 @@ def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
     ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
     uid, iid, his = sample_pairs(ds, n_pairs, args.seed)
     item = "book" if ds.kind == "book" else "movie"
-    names = ["base LLM"] + [os.path.normpath(r) for r in args.adapter or []]
+    control = any(a.method == "collm" for a, _, _ in runs)  # the base LLM on CoLLM's wording, placeholders as plain tokens
+    names = ["base LLM"] + ["base LLM, CoLLM's prompt"] * control + [os.path.normpath(r) for r in args.adapter or []]
     nll, examples = [], []
     for j in range(len(uid)):
         title = ds.titles[iid[j]].strip()
         q = QUESTION.format(item=item, title=title)
         ids = torch.tensor([tok.encode(q)], device=llama.DEVICE)
+        cids, slots = collm.encode_placeholders(tok, QUESTION_COLLM.format(item=item, title=title))
+        cids = torch.tensor([cids], device=llama.DEVICE)
         outs = [(ids, llm.generate(ids, max_new_tokens, tok.eos_id))]
+        outs += [(cids, llm.generate(cids, max_new_tokens, tok.eos_id))] * control
         for a, _, m in runs:
             if a.method == "collm":
-                cids, slots = collm.encode_placeholders(tok, QUESTION_COLLM.format(item=item, title=title))
-                cids = torch.tensor([cids], device=llama.DEVICE)
                 emb = m.embed(cids, uid[j:j + 1], iid[j:j + 1], torch.tensor([slots], device=llama.DEVICE), his[j:j + 1])
                 outs.append((cids, llm.generate(cids, max_new_tokens, tok.eos_id, embeds=emb, deltas=m.lora.deltas())))
             else:
