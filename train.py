@@ -5,6 +5,8 @@ train.py: one command for every method of the comparison.
     python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
     python train.py --method all [--seeds 3] [--lgcn] [--data ...] [--llm DIR]  the whole comparison, one table
     python train.py --bench [--data ml-1m --llm DIR]                          CoRA vs shared LoRA step time/memory
+    python train.py --eval-general|--generate --llm DIR --adapter RUN ...     the paper's Fig. 1 / Fig. 2 analyses
+    torchrun --nproc_per_node N train.py --method tallrec|collm|cora ...      DDP over the trainable parameters
 
 Every run writes runs/<data>/<method>/{results.json, predictions.tsv, <weights>.safetensors} atomically:
 cf.safetensors for CF models, trainable.safetensors (the trainable parameters only) for LLM methods.
