@@ -129,8 +129,9 @@ class CFModel(nn.Module):
         self.n_users, self.n_items, self.dim, self.n_layers, self.maxlen = n_users, n_items, dim, 0, 0
         if user_table:
             self.user = nn.Embedding(n_users, dim, padding_idx=0)
+        self.item = nn.Embedding(n_items, dim, padding_idx=0)  # both built, then both initialised: the RNG order
+        if user_table:                                          # of every published MF/LightGCN figure
             _init_table(self.user, init_std, None if train is None else train.uid)
-        self.item = nn.Embedding(n_items, dim, padding_idx=0)
         _init_table(self.item, init_std, None if train is None else train.iid)
 
     def forward(self, uid, iid, his=None):        # (B,), (B,) [, (B, L)] -> (B,) logits
