@@ -291,18 +291,21 @@ def perplexity(model, tok, text, window=256, max_tokens=4096, batch=4, deltas=No
 
 
 @torch.no_grad()
-def answer_logprob(model, tok, prompts, answers, deltas=None):
-    """log P(answer | prompt), summed over the answer's tokens, for each (prompt, answer) pair: (N,)."""
+def answer_logprob(model, tok, prompts, answers, deltas=None, per_token=False):
+    """log P(answer | prompt), summed over the answer's tokens (per_token: averaged), for each pair: (N,)."""
     seqs, n_answer = [], []
     for p, a in zip(prompts, answers):
         head, full = tok.encode(p), tok.encode(p + a)
         full = full if full[:len(head)] == head and len(full) > len(head) else head + tok.encode(a, bos=False)
+        if len(full) == len(head):
+            raise ValueError(f"answer {a!r} to {p!r} has no tokens")
         seqs.append(full)
         n_answer.append(len(full) - len(head))
     tokens, mask = tok.batch(seqs, model.embed_tokens.weight.device)   # left padded: answers end every row
     with autocast():
         logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
-    return torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
+    lp = torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
+    return lp / torch.tensor(n_answer, device=lp.device) if per_token else lp
 
 
 # ----------------------------------------------------------------------------- tokenizer

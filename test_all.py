@@ -250,6 +250,16 @@ def test_tokenizer_left_padding():
     assert tokens[1, -n:].tolist() == tok.encode("Hi") and mask[0].all()
 
 
+def _damage(path, what):
+    """Cut a safetensors file to half ("truncated"), or make its header claim twice the file's size ("header lies")."""
+    blob = bytearray(open(path, "rb").read())
+    if what == "truncated":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
+    open(path, "wb").write(bytes(blob))
+
+
 def _corrupt(tmp, what):
     m = random_llama(tiny_args(), dtype=torch.float32)
     folder = write_folder(tmp, m)
@@ -257,13 +267,8 @@ def _corrupt(tmp, what):
     c = json.load(open(cfg))
     if what == "missing file":
         os.remove(st)
-    elif what == "truncated":
-        data = open(st, "rb").read()
-        open(st, "wb").write(data[: len(data) // 2])
-    elif what == "header lies":  # a header claiming more bytes than the file holds
-        data = bytearray(open(st, "rb").read())
-        data[:8] = (len(data) * 2).to_bytes(8, "little")
-        open(st, "wb").write(bytes(data))
+    elif what in ("truncated", "header lies"):  # "header lies": a header claiming more bytes than the file holds
+        _damage(st, what)
     elif what == "missing key":
         sd = load_file(st)
         sd.pop("model.norm.weight")
@@ -849,10 +854,17 @@ def test_answer_ids_and_length_buckets(tmp_path):
 
 # ----------------------------------------------------------------------------- train.py end to end
 
+def _train_log(tmp, *argv, threads=1):
+    """train.py in a subprocess (stdout + stderr piped, unbuffered)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", str(threads),
+                             *argv], env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _train(tmp, *argv):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", "2", *argv],
-                   check=True, env=env, cwd=HERE, stdout=subprocess.DEVNULL)
+    p = _train_log(tmp, *argv, threads=2)
+    log = p.communicate()[0]
+    assert p.returncode == 0, log[-3000:]
 
 
 def test_toy_end_to_end_cora_learns_and_collm_runs(tmp_path):
@@ -907,13 +919,8 @@ def _broken_llm(tmp, llm, what):
         shutil.copytree(llm, folder)
     st, cfg = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     c = json.load(open(cfg))
-    if what == "truncated":
-        blob = open(st, "rb").read()
-        open(st, "wb").write(blob[: len(blob) // 2])
-    elif what == "header lies":
-        blob = bytearray(open(st, "rb").read())
-        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
-        open(st, "wb").write(bytes(blob))
+    if what in ("truncated", "header lies"):
+        _damage(st, what)
     elif what == "config sizes":
         json.dump({**c, "hidden_size": c["hidden_size"] * 2}, open(cfg, "w"))
     elif what == "tokenizer vocab":
@@ -999,12 +1006,6 @@ def test_bad_input_one_clear_error_nothing_left_behind(tmp_path, toy_llm, capsys
     assert error is not SystemExit or e.value.code == 2 and message.startswith("train.py: error: argument")
     left = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert not [p for p in left if p.suffix in (".tmp", ".safetensors", ".json", ".tsv")], left
-
-
-def _train_log(tmp, *argv):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", "1", *argv],
-                            env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
@@ -1099,11 +1100,12 @@ def test_general_ability_scores_match_naive_and_zero_lora_changes_nothing(toy_ll
     assert math.isfinite(ppl) and abs(ppl - math.exp(np.mean(naive))) < 1e-3 * ppl
     prompts, answers = ["The Haunted", "#Question: A user"], [" Harbor (1987)", " has"]
     lp = llama.answer_logprob(model, tok, prompts, answers)
-    for p, a, got in zip(prompts, answers, lp):
+    mean = llama.answer_logprob(model, tok, prompts, answers, per_token=True)
+    for p, a, got, got_mean in zip(prompts, answers, lp, mean):
         head, full = tok.encode(p), tok.encode(p + a)
         logp = model(torch.tensor([full])).log_softmax(-1)[0]
         want = sum(logp[t - 1, full[t]].item() for t in range(len(head), len(full)))
-        assert abs(got.item() - want) < 1e-4
+        assert abs(got.item() - want) < 1e-4 and abs(got_mean.item() - want / (len(full) - len(head))) < 1e-4
     lora = collm.LoRA(model.args, r=4, alpha=8, targets=("q", "v", "down")).deltas()  # B = 0: the base LLM exactly
     assert llama.perplexity(model, tok, text, window=64, max_tokens=256, batch=3, deltas=lora) == ppl
     assert torch.equal(llama.answer_logprob(model, tok, prompts, answers, deltas=lora), lp)

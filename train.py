@@ -260,12 +260,11 @@ def load_state(path, model, opt, args):
     if set(weights) != set(own) or any(weights[k].shape != v.shape for k, v in own.items()):
         raise ValueError(f"{path}: its trainable tensors do not match this model's; start afresh without --resume")
     model.load_state_dict(weights, strict=False)
-    sd = opt.state_dict()
-    sd["state"] = {int(i): {} for i in {k.split(".")[1] for k in t if k.startswith("opt.")}}
+    sd = {**opt.state_dict(), "state": {}}
     for k, v in t.items():
-        if k.startswith("opt."):
+        if k.startswith("opt."):                                             # opt.<param index>.<exp_avg|...>
             _, i, name = k.split(".", 2)
-            sd["state"][int(i)][name] = v
+            sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
     torch.set_rng_state(t["rng.torch"])
     if "rng.cuda" in t and torch.cuda.is_available():
@@ -626,7 +625,8 @@ def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
         cids, slots = collm.encode_placeholders(tok, QUESTION_COLLM.format(item=item, title=title))
         cids = torch.tensor([cids], device=llama.DEVICE)
         outs = [(ids, llm.generate(ids, max_new_tokens, tok.eos_id))]
-        outs += [(cids, llm.generate(cids, max_new_tokens, tok.eos_id))] * control
+        if control:
+            outs.append((cids, llm.generate(cids, max_new_tokens, tok.eos_id)))
         for a, _, m in runs:
             if a.method == "collm":
                 emb = m.embed(cids, uid[j:j + 1], iid[j:j + 1], torch.tensor([slots], device=llama.DEVICE), his[j:j + 1])
@@ -635,10 +635,10 @@ def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
                 deltas = m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) if a.method == "cora" else m.lora.deltas()
                 outs.append((ids, llm.generate(ids, max_new_tokens, tok.eos_id, deltas=deltas)))
         texts = [tok.decode([i for i in o[0, p.shape[1]:].tolist() if i != tok.eos_id]) for p, o in outs]
-        row = []
-        for text in texts:  # mean NLL per token of the answer under the base LLM, given the plain question
-            n = len(tok.encode(q + text)) - len(tok.encode(q))
-            row.append(-llama.answer_logprob(llm, tok, [q], [text])[0].item() / n if text.strip() and n > 0 else np.nan)
+        said = [k for k, text in enumerate(texts) if text.strip()]  # an empty answer has no perplexity
+        row = np.full(len(texts), np.nan)  # mean NLL per token of each answer under the base LLM, given the plain question
+        if said:
+            row[said] = -llama.answer_logprob(llm, tok, [q] * len(said), [texts[k] for k in said], per_token=True).cpu().numpy()
         nll.append(row)
         examples.append((title, texts))
     ppl = np.exp(np.nanmean(np.array(nll), 0))
