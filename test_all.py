@@ -865,6 +865,7 @@ def _train(tmp, *argv):
     p = _train_log(tmp, *argv, threads=2)
     log = p.communicate()[0]
     assert p.returncode == 0, log[-3000:]
+    return log
 
 
 def test_toy_end_to_end_cora_learns_and_collm_runs(tmp_path):
@@ -1051,8 +1052,9 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys
 
 def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     import train
-    _train(tmp_path, "--method", "all", "--ablation", "text", "--llm", toy_llm, "--max-steps", "2", "--eval-every", "2",
-           "--train-limit", "64", "--valid-limit", "64", "--test-limit", "64")
+    common = ("--llm", toy_llm, "--max-steps", "2", "--eval-every", "2", "--batch-size", "16", "--train-limit", "64",
+              "--valid-limit", "64", "--test-limit", "64")
+    _train(tmp_path, "--method", "all", "--ablation", "text", *common)
     summary = json.load(open(tmp_path / "toy" / "all.json"))
     llm_runs = ["tallrec", "collm", "cora-qkvo"]
     assert list(summary["rows"]) == ["mf", "lightgcn", *llm_runs, *(f"{r}-id-only" for r in llm_runs)]
@@ -1061,6 +1063,19 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     for name, (row,) in summary["rows"].items():  # every row is that run's own results.json
         own = json.load(open(tmp_path / "toy" / name / "results.json"))
         assert row["test"] == own["test"] and row["peak_memory_mb"] > 0 and row["trainable_params"] > 0
+    assert json.load(open(tmp_path / "toy" / "mf" / "results.json"))["args"]["batch_size"] == 256  # CF: tuned config
+    # Table 4 in one command; --reuse keeps the finished cora-qkvo run and trains the other weight types
+    qkvo = tmp_path / "toy" / "cora-qkvo" / "results.json"
+    before = qkvo.stat().st_mtime_ns
+    log = _train(tmp_path, "--method", "all", "--ablation", "weights", "--reuse", *common)
+    assert qkvo.stat().st_mtime_ns == before and f"--reuse: {qkvo} was run with these arguments" in log
+    same = ["--method", "cora", "--out", str(tmp_path), *common]
+    assert train.finished_with(str(qkvo), train.cli().parse_args(same + ["--threads", "2"]))
+    assert not train.finished_with(str(qkvo), train.cli().parse_args(same + ["--lr", "0.5"]))
+    rows = json.load(open(tmp_path / "toy" / "all.json"))["rows"]
+    assert list(rows) == ["cora-qk", "cora-qkv", "cora-qko", "cora-qkvo", "cora-qkvof"]
+    assert rows["cora-qk"][0]["trainable_params"] < rows["cora-qkvof"][0]["trainable_params"]
+    assert "| CoRA-MF (qkvof) |" in (tmp_path / "toy" / "all.md").read_text()
     fake = {"mf": [{"test": {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}, "wall_time_s": 1.0,
                     "trainable_params": 5, "peak_memory_mb": 1.0} for a in (0.6, 0.7)]}
     assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | 0.6486 / 0.6396 |"

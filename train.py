@@ -457,18 +457,25 @@ def bench(args):
 
 # ----------------------------------------------------------------------------- the comparison: --method all
 
-# Paper Table 3 (AUC, UAUC), Vicuna-7B for the LLM methods: what --method all prints alongside.
-PAPER = {"ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "sasrec": (0.7005, 0.6734),
-                   "collm-sasrec": (0.7059, 0.6531), "cora-qkvo-sasrec": (0.7019, 0.6517), "tallrec": (0.7044, 0.6741),
-                   "collm": (0.7028, 0.6714), "collm-lightgcn": (0.7164, 0.6842), "cora-qkvo": (0.7361, 0.6884),
-                   "cora-qkvo-lightgcn": (0.7128, 0.6966)},
-         "amazon-book": {"mf": (0.7105, 0.5543), "lightgcn": (0.7026, 0.5619), "sasrec": (0.6675, 0.5614),
-                         "collm-sasrec": (0.7538, 0.5874), "cora-qkvo-sasrec": (0.7677, 0.5961), "tallrec": (0.6583, 0.4971),
-                         "collm": (0.8021, 0.5782), "collm-lightgcn": (0.7835, 0.5663), "cora-qkvo": (0.8179, 0.6262),
-                         "cora-qkvo-lightgcn": (0.7886, 0.5689)}}
+# What --method all prints alongside: the paper's test AUC, UAUC (Vicuna-7B for the LLM methods), from its Table 3
+# and, for CoRA-MF with W_c on other weight types, its Table 4.
+PAPER = {
+    "ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "sasrec": (0.7005, 0.6734),
+              "collm-sasrec": (0.7059, 0.6531), "cora-qkvo-sasrec": (0.7019, 0.6517), "tallrec": (0.7044, 0.6741),
+              "collm": (0.7028, 0.6714), "collm-lightgcn": (0.7164, 0.6842), "cora-qkvo": (0.7361, 0.6884),
+              "cora-qkvo-lightgcn": (0.7128, 0.6966),
+              "cora-qkvof": (0.7312, 0.6801), "cora-qkv": (0.6947, 0.5933), "cora-qko": (0.7111, 0.5973),
+              "cora-qk": (0.6784, 0.5887)},
+    "amazon-book": {"mf": (0.7105, 0.5543), "lightgcn": (0.7026, 0.5619), "sasrec": (0.6675, 0.5614),
+                    "collm-sasrec": (0.7538, 0.5874), "cora-qkvo-sasrec": (0.7677, 0.5961), "tallrec": (0.6583, 0.4971),
+                    "collm": (0.8021, 0.5782), "collm-lightgcn": (0.7835, 0.5663), "cora-qkvo": (0.8179, 0.6262),
+                    "cora-qkvo-lightgcn": (0.7886, 0.5689),
+                    "cora-qkvof": (0.8141, 0.6068), "cora-qkv": (0.7741, 0.5747), "cora-qko": (0.8091, 0.5949),
+                    "cora-qk": (0.7685, 0.5644)}}
 DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
            "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN", "sasrec": "SASRec", "collm-sasrec": "CoLLM-SAS",
            "cora-qkvo-sasrec": "CoRA-SAS"}
+DISPLAY.update({f"cora-{w}": f"CoRA-MF ({w})" for w in ("qk", "qkv", "qko", "qkvof")})
 DISPLAY.update({f"{k}-id-only": f"{v} (ID-only)" for k, v in DISPLAY.items()})
 ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
 ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
@@ -487,24 +494,35 @@ def to_argv(args, **override):
 
 
 def run_all(args):
-    """Every method of the comparison, one child process each (so each row's peak memory is its own), for each
-    seed; then one table, markdown + JSON, with the paper's numbers alongside."""
+    """Every method of the comparison (or, with --ablation weights, CoRA with each weight type of the paper's
+    Table 4), one child process each (so each row's peak memory is its own), for each seed; then one table,
+    markdown + JSON, with the paper's numbers alongside. The CF rows keep their tuned configurations: the shared
+    hyperparameter options (--lr, --batch-size, --epochs, ...) apply to the LLM methods only."""
     import subprocess
     import sys
     seeds = [args.seed + k for k in range(args.seeds)]
+    if args.ablation == "weights":
+        runs = [dict(method="cora", cf=args.cf, weight_types=w) for w in cora.WEIGHT_TYPES]
+    else:
+        runs = [dict(method=m, cf=c) for m, c in ALL + (ALL_LGCN if args.lgcn else []) + (ALL_SAS if args.sas else [])]
+        runs += [dict(r, prompt="id-only") for r in runs if r["method"] in LLM_METHODS] if args.ablation == "text" else []
     rows, t0 = {}, time.time()
     for seed in seeds:
         out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{seed}")
-        runs = [(m, c, "text") for m, c in ALL + (ALL_LGCN if args.lgcn else []) + (ALL_SAS if args.sas else [])]
-        runs += [(m, c, "id-only") for m, c, _ in runs if m in LLM_METHODS] if args.ablation == "text" else []
-        for method, cf_name, prompt in runs:
-            argv = to_argv(args, method=method, cf=cf_name, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None,
-                           prompt=prompt)
-            print(f"\n$ python train.py {' '.join(argv)}", flush=True)
-            subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
-            name = run_name(method, cf_name, args.weight_types, prompt)
-            with open(os.path.join(out, args.data, name, "results.json")) as f:
-                rows.setdefault(name, []).append(json.load(f))
+        for run in runs:
+            run = dict(dict(prompt="text", weight_types=args.weight_types), **run)
+            cf_only = {k: None for k in HYPER} if run["method"] in CF_METHODS else {}
+            argv = to_argv(args, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None, reuse=False,
+                           **cf_only, **run)
+            path = os.path.join(out, args.data, run_name(run["method"], run["cf"], run["weight_types"], run["prompt"]),
+                                "results.json")
+            if args.reuse and finished_with(path, cli().parse_args(argv)):
+                print(f"\n--reuse: {path} was run with these arguments; not run again", flush=True)
+            else:
+                print(f"\n$ python train.py {' '.join(argv)}", flush=True)
+                subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+            with open(path) as f:
+                rows.setdefault(os.path.basename(os.path.dirname(path)), []).append(json.load(f))
     table = comparison_table(args.data, rows)
     summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
                "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
@@ -515,6 +533,21 @@ def run_all(args):
     data.atomic_write(os.path.join(args.out, args.data, "all.json"), json.dumps(summary, indent=2) + "\n")
     print(f"\n{table}\n\nwritten to {os.path.join(args.out, args.data, 'all.md')} and all.json")
     return summary
+
+
+RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
+               "eval_general", "generate", "adapter", "general_text", "bench", "compile"}  # do not change a run's result
+
+
+def finished_with(path, child):
+    """Whether results.json at path records a finished run of the child's arguments: every argument both record
+    agrees, except RUN_CONTROL ones and CF hyperparameters the child leaves to the tuned configuration."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        stored = json.load(f)["args"]
+    child = vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child)
+    return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
 
 def comparison_table(data_name, rows):
@@ -652,6 +685,15 @@ def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
     return dict(zip(names, ppl.tolist())), examples
 
 
+def fill_llm_defaults(args):
+    """The official schedule (LLM_BASE, LLM_DEFAULTS; TOY_LLM for the toy LLM) for every option left unset."""
+    defaults = {**LLM_BASE, **LLM_DEFAULTS[args.method], **(TOY_LLM if args.data == "toy" and not args.llm else {})}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -676,10 +718,7 @@ def main(args):
     if args.llm and not os.path.isfile(os.path.join(args.llm, "config.json")):
         raise FileNotFoundError(f"--llm {args.llm}: no such Hugging Face LLaMA folder (config.json + model.safetensors"
                                 f" + tokenizer.model); convert one as README.md shows, or omit --llm for the toy LLM")
-    defaults = {**LLM_BASE, **LLM_DEFAULTS[args.method], **(TOY_LLM if args.data == "toy" and not args.llm else {})}
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_llm_defaults(args)
     try:
         return run_llm(args)
     finally:
@@ -694,7 +733,10 @@ def cli():
     parser.add_argument("--seeds", type=int, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
     parser.add_argument("--lgcn", action="store_true", help="--method all: add CoLLM-LGCN and CoRA-LGCN")
     parser.add_argument("--sas", action="store_true", help="--method all: add SASRec, CoLLM-SAS and CoRA-SAS")
-    parser.add_argument("--ablation", choices=("text",), help="--method all: each LLM method also with --prompt id-only")
+    parser.add_argument("--ablation", choices=("text", "weights"), help="--method all: text = each LLM method also "
+                        "with --prompt id-only (paper Fig. 6); weights = CoRA with each --weight-types (paper Table 4)")
+    parser.add_argument("--reuse", action="store_true", help="--method all: keep a finished run (results.json) made "
+                        "with the same arguments instead of training it again")
     parser.add_argument("--prompt", default="text", choices=("text", "id-only"),
                         help="id-only: every title becomes \"item <id>\" (paper Fig. 6)")
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
