@@ -303,6 +303,7 @@ def run_llm(args):
                                 f"saved one); run without --resume")
     folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
     llm, tok = llama.load(folder, dtype, device)
+    llm = llama.compile_blocks(llm) if args.compile else llm
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
     model = build_llm_method(args, ds, llm, tok, yes_no).to(device)
@@ -421,11 +422,12 @@ def run_llm(args):
     return result
 
 
-def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size):
+def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size, compile_llm):
     """One training step of CoRA or of a shared LoRA with the same rank and targets, on a real batch."""
     ds = data.load_dataset(data_name, data_root)
     llm, tok = llama.load(folder, llama.DTYPE, llama.DEVICE)
     llama.prefault(llm)
+    llm = llama.compile_blocks(llm) if compile_llm else llm  # compiled during measure()'s warm-up step
     split = ds.train.subset(np.arange(batch_size))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
     b = collm.collate(tok, seqs, None, split, np.arange(batch_size), llama.DEVICE)
@@ -448,7 +450,8 @@ def bench(args):
     folder = args.llm or toy_llm(data.load_dataset(args.data, args.data_root), os.path.join(args.out, args.data))
     B, r, res = args.batch_size or 8, args.r or 16, {}
     for name in ("shared LoRA", "CoRA"):
-        sec, mb = res[name] = llama.measure(_bench_step, name, folder, args.data, args.data_root, args.weight_types, r, B)
+        sec, mb = res[name] = llama.measure(_bench_step, name, folder, args.data, args.data_root, args.weight_types, r, B,
+                                                args.compile)
         print(f"{name:12s} {sec * 1e3:8.1f} ms/step {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB  "
               f"(ML-1M train epoch: {33891 / (B / sec) / 60:.1f} min)")
     (t0, m0), (t1, m1) = res["shared LoRA"], res["CoRA"]
@@ -784,6 +787,8 @@ def cli():
     g.add_argument("--generate", action="store_true", help="answers to a question about the item, base vs --adapter")
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
+    g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (pays off on GPU and "
+                   "on long runs: compiling takes minutes on a CPU)")
     g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
     return parser
 
