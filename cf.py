@@ -88,6 +88,15 @@ def uauc(uids, labels, scores):
     return float(per_user[used].mean()), int(used.sum()), int((~used).sum())
 
 
+def auc_diff_se(labels, scores_a, scores_b, n_boot=1000, seed=0):
+    """Paired bootstrap standard error of AUC(a) - AUC(b), two models' scores of the same rows: the rows are resampled
+    with replacement n_boot times (every replicate is one group of _group_auc), replicates lacking a class dropped."""
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))    # (n_boot, N)
+    group, y = np.repeat(np.arange(n_boot), len(labels)), np.asarray(labels)[idx].ravel()
+    a, b = (_group_auc(group, y, np.asarray(s, np.float64)[idx].ravel()) for s in (scores_a, scores_b))
+    return float(np.nanstd(a - b))
+
+
 def evaluate(rows, scores):
     """AUC/UAUC of a split (data.Interactions) and of its warm and cold rows; None where undefined."""
     scores = np.asarray(scores, np.float64)

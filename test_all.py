@@ -393,6 +393,16 @@ def test_uauc_matches_per_user_loop():
     assert used == len(per_user) and used + skipped == len(np.unique(uids))
 
 
+def test_paired_bootstrap_se_matches_a_loop():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    a, b = y + rng.normal(0, 1.5, 300), np.round(y + rng.normal(0, 1.5, 300))  # b with ties
+    idx = np.random.default_rng(7).integers(0, 300, (40, 300))
+    naive = np.std([cf.auc(y[i], a[i]) - cf.auc(y[i], b[i]) for i in idx])
+    assert cf.auc_diff_se(y, a, b, n_boot=40, seed=7) == pytest.approx(naive, abs=1e-12) and naive > 0.01
+    assert cf.auc_diff_se(y, a, a) == 0.0
+
+
 def test_evaluate_warm_cold_and_undefined_subsets():
     rows = data.Interactions(np.array([1, 1, 2, 2, 3]), np.array([1, 2, 1, 2, 3]),
                              np.array([1, 0, 0, 1, 1], np.float32), np.arange(5), [np.array([], np.int64)] * 5,
@@ -1095,10 +1105,16 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     rows = json.load(open(tmp_path / "toy" / "all.json"))["rows"]
     assert list(rows) == ["cora-qk", "cora-qkv", "cora-qko", "cora-qkvo", "cora-qkvof"]
     assert rows["cora-qk"][0]["trainable_params"] < rows["cora-qkvof"][0]["trainable_params"]
-    assert "| CoRA-MF (qkvof) |" in (tmp_path / "toy" / "all.md").read_text()
+    table = (tmp_path / "toy" / "all.md").read_text()
+    assert "| CoRA-MF (qkvof) |" in table and "| AUC - CoRA (paired SE) |" in table
+    deltas = json.load(open(tmp_path / "toy" / "all.json"))["auc_minus_cora_paired_se"]
+    assert deltas["cora-qkvo"] == [0.0, 0.0] and set(deltas) == set(rows)  # all scored the same 64 test rows
+    pred = {n: np.loadtxt(tmp_path / "toy" / n / "predictions.tsv", skiprows=1) for n in ("cora-qk", "cora-qkvo")}
+    assert deltas["cora-qk"][0] == pytest.approx(cf.auc(pred["cora-qk"][:, 2], pred["cora-qk"][:, 3]) -
+                                                 cf.auc(pred["cora-qkvo"][:, 2], pred["cora-qkvo"][:, 3]))
     fake = {"mf": [{"test": {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}, "wall_time_s": 1.0,
                     "trainable_params": 5, "peak_memory_mb": 1.0} for a in (0.6, 0.7)]}
-    assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | 0.6486 / 0.6396 |"
+    assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | - | 0.6486 / 0.6396 |"
             in train.comparison_table("ml-1m", fake))
 
 

@@ -526,11 +526,13 @@ def run_all(args):
                 subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             with open(path) as f:
                 rows.setdefault(os.path.basename(os.path.dirname(path)), []).append(json.load(f))
-    table = comparison_table(args.data, rows)
+    deltas = paired_deltas(os.path.join(args.out, args.data), rows) if len(seeds) == 1 else {}
+    table = comparison_table(args.data, rows, deltas)
     summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
                "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
                                  trainable_params=r.get("trainable_params"), peak_memory_mb=r.get("peak_memory_mb"))
-                            for r in v] for k, v in rows.items()}}
+                            for r in v] for k, v in rows.items()},
+               "auc_minus_cora_paired_se": deltas}
     os.makedirs(os.path.join(args.out, args.data), exist_ok=True)
     data.atomic_write(os.path.join(args.out, args.data, "all.md"), table + "\n")
     data.atomic_write(os.path.join(args.out, args.data, "all.json"), json.dumps(summary, indent=2) + "\n")
@@ -553,20 +555,33 @@ def finished_with(path, child):
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
 
-def comparison_table(data_name, rows):
-    """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3."""
+def paired_deltas(folder, names):
+    """{run: (its test AUC - the first CoRA run's, paired bootstrap SE)} for the runs in folder that scored the same
+    test rows as that CoRA run; a CF run scored on the full test split while the LLM runs used --test-limit is left out."""
+    preds = {n: np.loadtxt(os.path.join(folder, n, "predictions.tsv"), skiprows=1, ndmin=2) for n in names}
+    ref = preds.get(next((n for n in names if n.startswith("cora-")), None))
+    if ref is None:
+        return {}
+    y = ref[:, 2]
+    return {n: (cf.auc(y, p[:, 3]) - cf.auc(y, ref[:, 3]), cf.auc_diff_se(y, p[:, 3], ref[:, 3]))
+            for n, p in preds.items() if p.shape == ref.shape and np.array_equal(p[:, :3], ref[:, :3])}
+
+
+def comparison_table(data_name, rows, deltas=None):
+    """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3; deltas
+    {run name: (AUC difference to CoRA, its SE)} (paired_deltas) adds a column."""
     def stat(rs, key):
         v = [r["test"][key] for r in rs if r["test"][key] is not None]
         if not v:
             return "-"
         return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
-    paper = PAPER.get(data_name, {})
-    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | paper AUC / UAUC | wall time | trainable params | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    paper, deltas = PAPER.get(data_name, {}), deltas or {}
+    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | AUC - CoRA (paired SE) | paper AUC / UAUC | wall time "
+             "| trainable params | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():
-        p = paper.get(name)
+        p, d = paper.get(name), deltas.get(name)
         lines.append(f"| {DISPLAY.get(name, name)} | {stat(rs, 'auc')} | {stat(rs, 'uauc')} | {stat(rs, 'warm_auc')} | {stat(rs, 'cold_auc')} "
-                     f"| {f'{p[0]:.4f} / {p[1]:.4f}' if p else '-'} | {np.mean([r['wall_time_s'] for r in rs]):.0f} s "
+                     f"| {f'{d[0]:+.4f} ± {d[1]:.4f}' if d else '-'} | {f'{p[0]:.4f} / {p[1]:.4f}' if p else '-'} | {np.mean([r['wall_time_s'] for r in rs]):.0f} s "
                      f"| {rs[0].get('trainable_params', 0):,} | {max(r.get('peak_memory_mb', 0) for r in rs):,.0f} MB |")
     return "\n".join(lines)
 
