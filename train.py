@@ -526,7 +526,8 @@ def run_all(args):
                 subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             with open(path) as f:
                 rows.setdefault(os.path.basename(os.path.dirname(path)), []).append(json.load(f))
-    deltas = paired_deltas(os.path.join(args.out, args.data), rows) if len(seeds) == 1 else {}
+    ref = run_name("cora", args.cf if args.ablation == "weights" else "mf", args.weight_types)  # CoRA-MF, qkvo
+    deltas = paired_deltas(os.path.join(args.out, args.data), rows, ref) if len(seeds) == 1 else {}
     table = comparison_table(args.data, rows, deltas)
     summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
                "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
@@ -555,13 +556,13 @@ def finished_with(path, child):
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
 
-def paired_deltas(folder, names):
-    """{run: (its test AUC - the first CoRA run's, paired bootstrap SE)} for the runs in folder that scored the same
-    test rows as that CoRA run; a CF run scored on the full test split while the LLM runs used --test-limit is left out."""
-    preds = {n: np.loadtxt(os.path.join(folder, n, "predictions.tsv"), skiprows=1, ndmin=2) for n in names}
-    ref = preds.get(next((n for n in names if n.startswith("cora-")), None))
-    if ref is None:
+def paired_deltas(folder, names, ref):
+    """{run: (its test AUC - run ref's, paired bootstrap SE)} for the runs in folder that scored the same test rows as
+    ref; a CF run scored on the full test split while the LLM runs used --test-limit is left out."""
+    if ref not in names:
         return {}
+    preds = {n: np.loadtxt(os.path.join(folder, n, "predictions.tsv"), skiprows=1, ndmin=2) for n in names}
+    ref = preds[ref]
     y = ref[:, 2]
     return {n: (cf.auc(y, p[:, 3]) - cf.auc(y, ref[:, 3]), cf.auc_diff_se(y, p[:, 3], ref[:, 3]))
             for n, p in preds.items() if p.shape == ref.shape and np.array_equal(p[:, :3], ref[:, :3])}
@@ -570,19 +571,21 @@ def paired_deltas(folder, names):
 def comparison_table(data_name, rows, deltas=None):
     """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3; deltas
     {run name: (AUC difference to CoRA, its SE)} (paired_deltas) adds a column."""
+    mb = lambda v: f"{v:,.0f} MB" if v else "-"  # runs saved before peak memory was recorded have none
+
     def stat(rs, key):
         v = [r["test"][key] for r in rs if r["test"][key] is not None]
         if not v:
             return "-"
         return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
     paper, deltas = PAPER.get(data_name, {}), deltas or {}
-    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | AUC - CoRA (paired SE) | paper AUC / UAUC | wall time "
+    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | AUC - CoRA-MF (paired SE) | paper AUC / UAUC | wall time "
              "| trainable params | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         p, d = paper.get(name), deltas.get(name)
         lines.append(f"| {DISPLAY.get(name, name)} | {stat(rs, 'auc')} | {stat(rs, 'uauc')} | {stat(rs, 'warm_auc')} | {stat(rs, 'cold_auc')} "
                      f"| {f'{d[0]:+.4f} ± {d[1]:.4f}' if d else '-'} | {f'{p[0]:.4f} / {p[1]:.4f}' if p else '-'} | {np.mean([r['wall_time_s'] for r in rs]):.0f} s "
-                     f"| {rs[0].get('trainable_params', 0):,} | {max(r.get('peak_memory_mb', 0) for r in rs):,.0f} MB |")
+                     f"| {rs[0].get('trainable_params', 0):,} | {mb(max(r.get('peak_memory_mb') or 0 for r in rs))} |")
     return "\n".join(lines)
 
 
