@@ -478,7 +478,7 @@ PAPER = {
 DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
            "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN", "sasrec": "SASRec", "collm-sasrec": "CoLLM-SAS",
            "cora-qkvo-sasrec": "CoRA-SAS"}
-DISPLAY.update({f"cora-{w}": f"CoRA-MF ({w})" for w in ("qk", "qkv", "qko", "qkvof")})
+DISPLAY.update({f"cora-{w}": f"CoRA-MF ({w})" for w in cora.WEIGHT_TYPES if w != "qkvo"})
 DISPLAY.update({f"{k}-id-only": f"{v} (ID-only)" for k, v in DISPLAY.items()})
 ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
 ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
@@ -517,15 +517,15 @@ def run_all(args):
             cf_only = {k: None for k in HYPER} if run["method"] in CF_METHODS else {}
             argv = to_argv(args, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None, reuse=False,
                            **cf_only, **run)
-            path = os.path.join(out, args.data, run_name(run["method"], run["cf"], run["weight_types"], run["prompt"]),
-                                "results.json")
+            name = run_name(run["method"], run["cf"], run["weight_types"], run["prompt"])
+            path = os.path.join(out, args.data, name, "results.json")
             if args.reuse and finished_with(path, cli().parse_args(argv)):
                 print(f"\n--reuse: {path} was run with these arguments; not run again", flush=True)
             else:
                 print(f"\n$ python train.py {' '.join(argv)}", flush=True)
                 subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             with open(path) as f:
-                rows.setdefault(os.path.basename(os.path.dirname(path)), []).append(json.load(f))
+                rows.setdefault(name, []).append(json.load(f))
     ref = run_name("cora", args.cf if args.ablation == "weights" else "mf", args.weight_types)  # CoRA-MF, qkvo
     deltas = paired_deltas(os.path.join(args.out, args.data), rows, ref) if len(seeds) == 1 else {}
     table = comparison_table(args.data, rows, deltas)
@@ -562,10 +562,9 @@ def paired_deltas(folder, names, ref):
     if ref not in names:
         return {}
     preds = {n: np.loadtxt(os.path.join(folder, n, "predictions.tsv"), skiprows=1, ndmin=2) for n in names}
-    ref = preds[ref]
-    y = ref[:, 2]
-    return {n: (cf.auc(y, p[:, 3]) - cf.auc(y, ref[:, 3]), cf.auc_diff_se(y, p[:, 3], ref[:, 3]))
-            for n, p in preds.items() if p.shape == ref.shape and np.array_equal(p[:, :3], ref[:, :3])}
+    r = preds[ref]                                                              # (N, 4): uid, iid, label, score
+    return {n: (cf.auc(r[:, 2], p[:, 3]) - cf.auc(r[:, 2], r[:, 3]), cf.auc_diff_se(r[:, 2], p[:, 3], r[:, 3]))
+            for n, p in preds.items() if p.shape == r.shape and np.array_equal(p[:, :3], r[:, :3])}
 
 
 def comparison_table(data_name, rows, deltas=None):
