@@ -811,6 +811,35 @@ def test_cora_per_pair_weights_and_batch_invariance():
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
 
 
+def test_cora_cf_norm_uses_fixed_train_statistics_and_saves_them():
+    m = _cora()
+    uid, iid = torch.arange(9).repeat(2)[:15], torch.arange(11).flip(0).repeat(2)[:15]  # the "train" rows
+    with torch.no_grad():
+        m.cf.u.weight.add_(torch.linspace(-5, 5, 8)), m.cf.i.weight.mul_(0.01)  # a shared offset, a tiny scale
+        m.standardize(uid, iid, chunk=4)
+        x = torch.cat([m.cf.u.weight[uid], m.cf.i.weight[iid]], -1).double()  # (15, 16)
+        mean, std = x.sum(0) / 15, ((x - x.sum(0) / 15) ** 2).sum(0).div(14).sqrt()
+        torch.testing.assert_close(m.x_mean, mean.float()), torch.testing.assert_close(m.x_std, std.float())
+        u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+        z = ((torch.cat([m.cf.u.weight[u], m.cf.i.weight[i]], -1) - mean) / std).float()  # (3, 16)
+        torch.testing.assert_close(m.deltas(u, i)[(1, "o")][0], m.factor(m.fc, m.generator(z[:, None])), atol=1e-6, rtol=0)
+        alone = m(_batch([[3, 4, 5]], [1], [4]))
+        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+        torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)  # fixed statistics: batch-invariant
+        again = _cora()
+        again.cf.load_state_dict(m.cf.state_dict())
+        again.load_state_dict(m.trainable_state(), strict=False)  # what a run saves restores the statistics
+        assert torch.equal(again(_batch([[3, 4, 5]], [1], [4])), alone)
+
+
+def test_cf_norm_default_is_standard_for_sasrec_only():
+    import train
+    for cf_name, flag, want in [("mf", [], "none"), ("lightgcn", [], "none"), ("sasrec", [], "standard"),
+                                ("sasrec", ["--cf-norm", "none"], "none"), ("mf", ["--cf-norm", "standard"], "standard")]:
+        args = train.cli().parse_args(["--method", "cora", "--cf", cf_name, *flag])
+        assert train.fill_llm_defaults(args).cf_norm == want
+
+
 def test_cora_zero_init_is_base_llm():
     m = _cora(std=0)
     b = _batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
@@ -1208,8 +1237,8 @@ def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
         train.main(train.cli().parse_args(base + ["--method", method, "--max-steps", "3", "--eval-every", "3",
                                                   "--train-limit", "64", "--valid-limit", "50", "--test-limit", "50"]))
     runs = [str(tmp_path / "toy" / r) for r in ("collm", "cora-qkvo")]
-    ppl, examples = train.semantic_disruption(train.cli().parse_args(base + ["--generate", "--adapter", *runs]),
-                                              n_pairs=3, max_new_tokens=5)
+    ppl, examples = train.semantic_disruption(train.cli().parse_args(base + ["--generate", "--pairs", "3", "--adapter", *runs]),
+                                              max_new_tokens=5)
     assert list(ppl) == ["base LLM", "base LLM, CoLLM's prompt", *runs] and len(examples) == 3
     assert all(len(t) == 4 for _, t in examples)
     assert "| base LLM |" in capsys.readouterr().out

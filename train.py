@@ -181,8 +181,12 @@ def build_llm_method(args, ds, llm, tok, yes_no):
         except RuntimeError as e:
             raise ValueError(f"{stage1} is not a TALLRec LoRA of this LLM and --r/--lora-targets ({e})") from None
         return m
-    return cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
-                     n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+    m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
+                  n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+    if args.cf_norm == "standard":  # fixed statistics of the frozen CF features over every train row
+        t = ds.train
+        m.standardize(*(torch.as_tensor(v) for v in (t.uid, t.iid, cf.history_ids(t.history, cf.MAX_HISTORY))))
+    return m
 
 
 @torch.no_grad()
@@ -551,7 +555,7 @@ def finished_with(path, child):
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        stored = json.load(f)["args"]
+        stored = {"cf_norm": "none", **json.load(f)["args"]}  # runs from before --cf-norm read raw CF features
     child = vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child)
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
@@ -615,10 +619,10 @@ def sample_pairs(ds, n, seed):
     return tuple(torch.as_tensor(v, device=llama.DEVICE) for v in (ds.test.uid[k], ds.test.iid[k], his))
 
 
-def general_ability(args, n_pairs=8):
+def general_ability(args):
     """Perplexity on general English text and accuracy on a cloze set (right answer more likely than wrong), for the
     base LLM and for the LLM as each trained run in --adapter leaves it: TALLRec/CoLLM with their LoRA applied,
-    CoRA with the W_c of n_pairs seeded test (user, item) pairs (averaged)."""
+    CoRA with the W_c of --pairs seeded test (user, item) pairs (default 8, averaged)."""
     llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
     with open(args.general_text, encoding="utf-8", errors="replace") as f:
         text = f.read()
@@ -636,9 +640,9 @@ def general_ability(args, n_pairs=8):
     for run in args.adapter or []:
         a, ds, m = load_run(run, llm, tok)
         if a.method == "cora":
-            uid, iid, his = sample_pairs(ds, n_pairs, args.seed)
+            uid, iid, his = sample_pairs(ds, args.pairs or 8, args.seed)
             with torch.no_grad():
-                deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) for j in range(n_pairs)]
+                deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) for j in range(len(uid))]
         else:
             deltas = [m.lora.deltas()]
         res[run] = scores(deltas)
@@ -659,14 +663,14 @@ QUESTION_COLLM = ("The user's preferences are encoded in the feature " + data.US
 
 
 @torch.no_grad()
-def semantic_disruption(args, n_pairs=30, max_new_tokens=24, show=3):
+def semantic_disruption(args, max_new_tokens=24, show=3):
     """Greedy answers to a free-text question about the target item: base LLM; CoLLM with its collaborative
     embeddings in the prompt (and its LoRA); CoRA with the pair's W_c; TALLRec with its LoRA. Each answer is scored
     by the base LLM's perplexity given the plain question (lower = still fluent, on-topic text)."""
     llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
     runs = [load_run(run, llm, tok) for run in args.adapter or []]
     ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
-    uid, iid, his = sample_pairs(ds, n_pairs, args.seed)
+    uid, iid, his = sample_pairs(ds, args.pairs or 30, args.seed)
     item = "book" if ds.kind == "book" else "movie"
     control = any(a.method == "collm" for a, _, _ in runs)  # the base LLM on CoLLM's wording, placeholders as plain tokens
     names = ["base LLM"] + ["base LLM, CoLLM's prompt"] * control + [os.path.normpath(r) for r in args.adapter or []]
@@ -711,6 +715,8 @@ def fill_llm_defaults(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.cf_norm is None:
+        args.cf_norm = "standard" if args.cf == "sasrec" else "none"
     return args
 
 
@@ -781,6 +787,8 @@ def cli():
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the delta path input")
     g.add_argument("--tune-lora", action="store_true", help="CoLLM step 2 also trains the step-1 LoRA")
     g.add_argument("--score", default="yes", choices=("yes", "yesno"), help="raw Yes logit, or Yes-No (TALLRec)")
+    g.add_argument("--cf-norm", choices=("none", "standard"), help="CoRA: [e_u, e_i] as is (official), or standardised "
+                   "with fixed train-set statistics (default: standard for --cf sasrec, none otherwise)")
     g.add_argument("--n-queries", type=int, default=4)
     g.add_argument("--n-blocks", type=int, default=8)
     g.add_argument("--ffn-dim", type=int, default=3072)
@@ -803,6 +811,7 @@ def cli():
     g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm and --adapter runs")
     g.add_argument("--generate", action="store_true", help="answers to a question about the item, base vs --adapter")
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
+    g.add_argument("--pairs", type=int, help="--eval-general / --generate: seeded test (user, item) pairs (8 / 30)")
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
     g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (pays off on GPU and "
                    "on long runs: compiling takes minutes on a CPU)")
