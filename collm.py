@@ -23,6 +23,11 @@ Deliberate deviations, each documented where it happens:
   searches the whole sequence for unk ids, which breaks when a title itself contains "<unk>".
 - Batches are length-bucketed (see `batches`); the official code pads every batch to its longest prompt
   in dataset order.
+- Optional (--cf-norm standard, the default with SASRec only): CoLLM and CoRA read [e_u, e_i] standardised per
+  feature with the mean and std over every train row, fixed buffers saved with the run (so an example's features
+  never depend on its batch). The official code reads them raw. SASRec's user vectors are LayerNorm outputs that
+  share one direction (cosine 0.965 to their mean, norm 14) and its item vectors have norm 0.04: raw, one CIE
+  maps every item to nearly the same token, and CoRA's W_c is nearly the same for every example.
 """
 import math
 
@@ -140,8 +145,29 @@ class RecLLM(nn.Module):
                 frozen.eval()
         return self
 
+    def read_cf(self, cf):
+        """Hold the frozen CF model (CoLLM, CoRA). Its features are read raw, as the official code does, until
+        standardize() fixes per-feature statistics (--cf-norm standard): buffers, saved with the run."""
+        self.cf = cf.requires_grad_(False).eval()
+        self.register_buffer("x_mean", torch.zeros(2 * cf.dim))
+        self.register_buffer("x_std", torch.ones(2 * cf.dim))
+
+    @torch.no_grad()
+    def standardize(self, uid, iid, his=None, chunk=4096):
+        """Fix x_mean, x_std to the per-feature mean and std of [e_u, e_i] over these (train) rows."""
+        x = torch.cat([torch.cat(self.cf.embed(uid[j:j + chunk], iid[j:j + chunk], None if his is None else his[j:j + chunk]), -1)
+                       for j in range(0, len(uid), chunk)]).double()           # (N, 2d)
+        self.x_mean.copy_(x.mean(0)), self.x_std.copy_(x.std(0).clamp_min(1e-6))
+
+    def cf_features(self, uid, iid, his=None):
+        """x = [e_u, e_i] of the frozen CF model, (x - x_mean) / x_std: (B, 2d). his (B, L) for SASRec."""
+        with torch.no_grad():
+            return (torch.cat(self.cf.embed(uid, iid, his), -1) - self.x_mean) / self.x_std
+
     def trainable_state(self):
-        return {k: v for k, v in self.named_parameters() if v.requires_grad}
+        """What a run saves: the trainable parameters, and the CF feature statistics when there is a CF model."""
+        stats = {k: v for k, v in self.named_buffers() if k in ("x_mean", "x_std")}
+        return {**{k: v for k, v in self.named_parameters() if v.requires_grad}, **stats}
 
 
 class TALLRec(RecLLM):
@@ -158,16 +184,15 @@ class CoLLM(TALLRec):
 
     def __init__(self, llm, tok, yes_no, cf, mid_times=10, tune_lora=False, **kw):
         super().__init__(llm, tok, yes_no, **kw)
-        self.cf = cf.requires_grad_(False).eval()
+        self.read_cf(cf)
         d = cf.dim
         self.cie = nn.Sequential(nn.Linear(d, d * mid_times), nn.ReLU(), nn.Linear(d * mid_times, llm.args.dim))
         self.lora.requires_grad_(tune_lora)
 
     def embed(self, tokens, uid, iid, slots, his=None):
         """Input embeddings of prompts whose placeholder positions slots (B, 2) get g(e_u), g(e_i)."""
-        with torch.no_grad():
-            e_u, e_i = self.cf.embed(uid, iid, his)                                     # (B, d) each
-        x = self.cie(torch.stack((e_u, e_i), 1).to(self.cie[0].weight.dtype))         # (B, 2, d_model)
+        e = self.cf_features(uid, iid, his).view(len(uid), 2, -1)                       # (B, 2, d): e_u, e_i
+        x = self.cie(e.to(self.cie[0].weight.dtype))                                    # (B, 2, d_model)
         emb = self.llm.embed_tokens(tokens)                                             # (B, T, d_model)
         rows = torch.arange(len(emb), device=emb.device)[:, None].expand(-1, 2)        # (B, 2)
         return emb.index_put((rows, slots), x.to(emb.dtype))                           # placeholders <- g(e)

@@ -27,10 +27,9 @@ Initialisation: W_proj = 0, so W_c = 0 and step 0 is exactly the base LLM (offic
 Weight types: q, k, v, o (attention) and f = the FFN projections gate, up, down; "qkvo" is the paper's best.
 Deviation: the official code multiplies every target's input by the same (B, d_model, r) factor, which cannot
 fit down_proj (input width d_ffn). Here down_proj gets its own factor from a second head W_FC^f: 2d -> d_ffn * r.
-Deviation, optional (--cf-norm standard, the default for SASRec only): x is standardised per feature with the mean
-and std of the frozen CF features over the train rows, fixed buffers computed once (so a batch never changes an
-example's W_c). SASRec's user vectors are LayerNorm outputs that share one direction (cosine 0.965 to their mean,
-norm 14) and its item vectors have norm 0.04: raw, x hardly varies and W_c collapses to one shared LoRA.
+Deviation, optional (--cf-norm standard, the default with SASRec only): x is standardised per feature with fixed
+train-set statistics (RecLLM.cf_features in collm.py). Read raw, SASRec's features hardly vary, and W_c collapses
+to one shared LoRA (README, "SASRec, the third CF model").
 Note (not a deviation): with a single CF token, cross-attention's softmax is over one key, so its output is
 the same linear map of x for every query; the queries differ through their own embeddings and self-attention.
 """
@@ -100,26 +99,15 @@ class CoRA(RecLLM):
         if weight_types not in WEIGHT_TYPES:
             raise ValueError(f"weight_types {weight_types!r}: choose one of {', '.join(WEIGHT_TYPES)}")
         a, width = llm.args, 2 * cf.dim
-        self.cf, self.r, self.scale = cf.requires_grad_(False).eval(), r, alpha / r
+        self.read_cf(cf)
+        self.r, self.scale = r, alpha / r
         self.targets = [(l, p) for l in (layers if layers is not None else range(a.n_layers)) for p in WEIGHT_TYPES[weight_types]]
         self.generator = QueryGenerator(width, n_queries, n_blocks, n_heads, ffn_dim, gen_dropout)
         self.fc = nn.Linear(width, a.dim * r)                                  # W_FC
         self.fc_ffn = nn.Linear(width, a.hidden_dim * r) if "down" in WEIGHT_TYPES[weight_types] else None
         dims = proj_dims(a)                                                     # {proj: (d_out, d_in)}
         self.proj = nn.ParameterDict({f"{l}_{p}": nn.Parameter(torch.zeros(dims[p][0], r)) for l, p in self.targets})  # W_proj^T, zero
-        self.register_buffer("x_mean", torch.zeros(width))                     # --cf-norm none: x as is
-        self.register_buffer("x_std", torch.ones(width))
         assert not any(p.requires_grad for p in self.llm.parameters()) and not any(p.requires_grad for p in self.cf.parameters())
-
-    @torch.no_grad()
-    def standardize(self, uid, iid, his=None, chunk=4096):
-        """Fix x_mean, x_std to the per-feature statistics of [e_u, e_i] over these (train) rows."""
-        x = torch.cat([torch.cat(self.cf.embed(uid[j:j + chunk], iid[j:j + chunk], None if his is None else his[j:j + chunk]), -1)
-                       for j in range(0, len(uid), chunk)]).double()           # (N, 2d)
-        self.x_mean.copy_(x.mean(0)), self.x_std.copy_(x.std(0).clamp_min(1e-6))
-
-    def trainable_state(self):
-        return {**super().trainable_state(), "x_mean": self.x_mean, "x_std": self.x_std}  # saved with the run
 
     def factor(self, head, q):
         """ΔW_A^T for a batch: mean over queries, unit L2 norm, reshape. (B, k, 2d) -> (B, r, d_in)."""
@@ -127,10 +115,7 @@ class CoRA(RecLLM):
         return a.view(len(q), -1, self.r).mT                                    # R(.): (B, d_in, r) -> (B, r, d_in)
 
     def deltas(self, uid, iid, his=None):
-        with torch.no_grad():
-            e_u, e_i = self.cf.embed(uid, iid, his)                             # (B, d) each; his (B, L): SASRec
-        x = (torch.cat((e_u, e_i), -1) - self.x_mean) / self.x_std                # (B, 2d)
-        x = x[:, None].to(self.fc.weight.dtype)                                 # (B, 1, 2d)
+        x = self.cf_features(uid, iid, his)[:, None].to(self.fc.weight.dtype)  # (B, 1, 2d); his (B, L): SASRec
         q = self.generator(x)                                                   # (B, k, 2d)
         A = self.factor(self.fc, q)                                             # (B, r, d_model)
         A_ffn = self.factor(self.fc_ffn, q) if self.fc_ffn is not None else None  # (B, r, d_ffn)

@@ -811,18 +811,25 @@ def test_cora_per_pair_weights_and_batch_invariance():
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
 
 
-def test_cora_cf_norm_uses_fixed_train_statistics_and_saves_them():
-    m = _cora()
+def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
     uid, iid = torch.arange(9).repeat(2)[:15], torch.arange(11).flip(0).repeat(2)[:15]  # the "train" rows
+    u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    m, c = _cora(), collm.CoLLM(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7], FakeCF(), delta_dropout=0.0)
     with torch.no_grad():
-        m.cf.u.weight.add_(torch.linspace(-5, 5, 8)), m.cf.i.weight.mul_(0.01)  # a shared offset, a tiny scale
-        m.standardize(uid, iid, chunk=4)
-        x = torch.cat([m.cf.u.weight[uid], m.cf.i.weight[iid]], -1).double()  # (15, 16)
-        mean, std = x.sum(0) / 15, ((x - x.sum(0) / 15) ** 2).sum(0).div(14).sqrt()
-        torch.testing.assert_close(m.x_mean, mean.float()), torch.testing.assert_close(m.x_std, std.float())
-        u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-        z = ((torch.cat([m.cf.u.weight[u], m.cf.i.weight[i]], -1) - mean) / std).float()  # (3, 16)
-        torch.testing.assert_close(m.deltas(u, i)[(1, "o")][0], m.factor(m.fc, m.generator(z[:, None])), atol=1e-6, rtol=0)
+        for model in (m, c):
+            model.cf.u.weight.add_(torch.linspace(-5, 5, 8)), model.cf.i.weight.mul_(0.01)  # shared offset, tiny scale
+            model.standardize(uid, iid, chunk=4)
+            x = torch.cat([model.cf.u.weight[uid], model.cf.i.weight[iid]], -1).double()  # (15, 16)
+            mean, std = x.sum(0) / 15, ((x - x.sum(0) / 15) ** 2).sum(0).div(14).sqrt()
+            torch.testing.assert_close(model.x_mean, mean.float()), torch.testing.assert_close(model.x_std, std.float())
+            z = ((torch.cat([model.cf.u.weight[u], model.cf.i.weight[i]], -1) - mean) / std).float()  # (3, 16)
+            if model is m:  # CoRA: the generator reads the standardised [e_u, e_i]
+                torch.testing.assert_close(m.deltas(u, i)[(1, "o")][0], m.factor(m.fc, m.generator(z[:, None])),
+                                           atol=1e-6, rtol=0)
+            else:           # CoLLM: the CIE maps the standardised e_u and e_i into the placeholders
+                emb = c.embed(torch.tensor([[3, 0, 4, 0]] * 3), u, i, torch.tensor([[1, 3]] * 3))
+                torch.testing.assert_close(emb[:, [1, 3]], c.cie(z.view(3, 2, 8)), atol=1e-6, rtol=0)
+            assert {"x_mean", "x_std"} <= set(model.trainable_state())
         alone = m(_batch([[3, 4, 5]], [1], [4]))
         batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
         torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)  # fixed statistics: batch-invariant
@@ -830,13 +837,16 @@ def test_cora_cf_norm_uses_fixed_train_statistics_and_saves_them():
         again.cf.load_state_dict(m.cf.state_dict())
         again.load_state_dict(m.trainable_state(), strict=False)  # what a run saves restores the statistics
         assert torch.equal(again(_batch([[3, 4, 5]], [1], [4])), alone)
+    assert "x_mean" not in collm.TALLRec(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7]).trainable_state()
 
 
 def test_cf_norm_default_is_standard_for_sasrec_only():
     import train
-    for cf_name, flag, want in [("mf", [], "none"), ("lightgcn", [], "none"), ("sasrec", [], "standard"),
-                                ("sasrec", ["--cf-norm", "none"], "none"), ("mf", ["--cf-norm", "standard"], "standard")]:
-        args = train.cli().parse_args(["--method", "cora", "--cf", cf_name, *flag])
+    for method, cf_name, flag, want in [
+            ("cora", "mf", [], "none"), ("cora", "lightgcn", [], "none"), ("cora", "sasrec", [], "standard"),
+            ("collm", "sasrec", [], "standard"), ("collm", "mf", [], "none"), ("tallrec", "sasrec", [], "none"),
+            ("cora", "sasrec", ["--cf-norm", "none"], "none"), ("collm", "mf", ["--cf-norm", "standard"], "standard")]:
+        args = train.cli().parse_args(["--method", method, "--cf", cf_name, *flag])
         assert train.fill_llm_defaults(args).cf_norm == want
 
 
@@ -941,7 +951,7 @@ def test_toy_end_to_end_cora_learns_and_collm_runs(tmp_path):
     _train(tmp_path, "--method", "collm", "--max-steps", "20", "--eval-every", "10", "--valid-limit", "200",
            "--test-limit", "200")
     stage1, stage2 = (load_file(tmp_path / "toy" / m / "trainable.safetensors") for m in ("tallrec", "collm"))
-    assert all(k.startswith("lora.") for k in stage1) and all(k.startswith("cie.") for k in stage2)
+    assert all(k.startswith("lora.") for k in stage1) and {k.split(".")[0] for k in stage2} == {"cie", "x_mean", "x_std"}
     assert json.load(open(tmp_path / "toy" / "collm" / "results.json"))["test"]["n"] == 200
 
 
