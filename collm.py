@@ -155,8 +155,9 @@ class RecLLM(nn.Module):
     @torch.no_grad()
     def standardize(self, uid, iid, his=None, chunk=4096):
         """Fix x_mean, x_std to the per-feature mean and std of [e_u, e_i] over these (train) rows."""
-        x = torch.cat([torch.cat(self.cf.embed(uid[j:j + chunk], iid[j:j + chunk], None if his is None else his[j:j + chunk]), -1)
-                       for j in range(0, len(uid), chunk)]).double()           # (N, 2d)
+        rows = [slice(j, j + chunk) for j in range(0, len(uid), chunk)]
+        x = torch.cat([torch.cat(self.cf.embed(uid[r], iid[r], None if his is None else his[r]), -1) for r in rows])
+        x = x.double()                                                           # (N, 2d)
         self.x_mean.copy_(x.mean(0)), self.x_std.copy_(x.std(0).clamp_min(1e-6))
 
     def cf_features(self, uid, iid, his=None):

@@ -181,8 +181,8 @@ def build_llm_method(args, ds, llm, tok, yes_no):
         except RuntimeError as e:
             raise ValueError(f"{stage1} is not a TALLRec LoRA of this LLM and --r/--lora-targets ({e})") from None
     else:
-        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16, alpha=args.alpha or 32,
-                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16,
+                      alpha=args.alpha or 32, n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
     if args.cf_norm == "standard":  # fixed statistics of the frozen CF features over every train row
         t = ds.train
         m.standardize(*(torch.as_tensor(v) for v in (t.uid, t.iid, cf.history_ids(t.history, cf.MAX_HISTORY))))
@@ -787,8 +787,8 @@ def cli():
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the delta path input")
     g.add_argument("--tune-lora", action="store_true", help="CoLLM step 2 also trains the step-1 LoRA")
     g.add_argument("--score", default="yes", choices=("yes", "yesno"), help="raw Yes logit, or Yes-No (TALLRec)")
-    g.add_argument("--cf-norm", choices=("none", "standard"), help="CoLLM/CoRA: [e_u, e_i] as is (official), or standardised "
-                   "with fixed train-set statistics (default: standard for --cf sasrec, none otherwise)")
+    g.add_argument("--cf-norm", choices=("none", "standard"), help="CoLLM/CoRA: [e_u, e_i] as is (official), or "
+                   "standardised with fixed train-set statistics (default: standard for --cf sasrec, none otherwise)")
     g.add_argument("--n-queries", type=int, default=4)
     g.add_argument("--n-blocks", type=int, default=8)
     g.add_argument("--ffn-dim", type=int, default=3072)
