@@ -1247,8 +1247,8 @@ def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
         train.main(train.cli().parse_args(base + ["--method", method, "--max-steps", "3", "--eval-every", "3",
                                                   "--train-limit", "64", "--valid-limit", "50", "--test-limit", "50"]))
     runs = [str(tmp_path / "toy" / r) for r in ("collm", "cora-qkvo")]
-    ppl, examples = train.semantic_disruption(train.cli().parse_args(base + ["--generate", "--pairs", "3", "--adapter", *runs]),
-                                              max_new_tokens=5)
+    args = train.cli().parse_args(base + ["--generate", "--pairs", "3", "--adapter", *runs])
+    ppl, examples = train.semantic_disruption(args, max_new_tokens=5)
     assert list(ppl) == ["base LLM", "base LLM, CoLLM's prompt", *runs] and len(examples) == 3
     assert all(len(t) == 4 for _, t in examples)
     assert "| base LLM |" in capsys.readouterr().out

@@ -586,9 +586,11 @@ def comparison_table(data_name, rows, deltas=None):
              "| trainable params | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         p, d = paper.get(name), deltas.get(name)
-        lines.append(f"| {DISPLAY.get(name, name)} | {stat(rs, 'auc')} | {stat(rs, 'uauc')} | {stat(rs, 'warm_auc')} | {stat(rs, 'cold_auc')} "
-                     f"| {f'{d[0]:+.4f} ± {d[1]:.4f}' if d else '-'} | {f'{p[0]:.4f} / {p[1]:.4f}' if p else '-'} | {np.mean([r['wall_time_s'] for r in rs]):.0f} s "
-                     f"| {rs[0].get('trainable_params', 0):,} | {mb(max(r.get('peak_memory_mb') or 0 for r in rs))} |")
+        cells = [DISPLAY.get(name, name), *(stat(rs, k) for k in ("auc", "uauc", "warm_auc", "cold_auc")),
+                 f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-", f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
+                 f"{np.mean([r['wall_time_s'] for r in rs]):.0f} s", f"{rs[0].get('trainable_params', 0):,}",
+                 mb(max(r.get("peak_memory_mb") or 0 for r in rs))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
