@@ -134,8 +134,9 @@ class RecLLM(nn.Module):
         self.register_buffer("yes_no", torch.as_tensor(yes_no), persistent=False)
 
     def logits(self, batch, embeds=None, deltas=None):
+        p = self.delta_dropout if self.training else 0.0                               # on the delta path only
         yn = self.llm(batch["tokens"] if embeds is None else None, batch["mask"], embeds=embeds, deltas=deltas,
-                      delta_dropout=self.delta_dropout, last_only=True, token_ids=self.yes_no).float()  # (B, 2)
+                      delta_dropout=p, last_only=True, token_ids=self.yes_no)                       # (B, 2) fp32
         return yn[:, 0] if self.score == "yes" else yn[:, 0] - yn[:, 1]                         # (B,)
 
     def train(self, mode=True):  # frozen parts (the LLM, a CF model) stay in eval mode; dropout lives on the delta path

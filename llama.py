@@ -29,7 +29,7 @@ Deliberate choices:
   problem in one error before any tensor is read; the model is built on the meta device and the loaded
   tensors are assigned in place, so the weights are never held twice.
 
-Run `python llama.py --ckpt DIR --prompt "..."` to generate, `python llama.py --bench [--ckpt DIR]` to time.
+Run `python llama.py --ckpt DIR --prompt "..."` to generate; `python train.py --bench` times training steps.
 """
 import contextlib
 import json
@@ -44,12 +44,24 @@ import torch.nn.functional as F
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")  # the projections a delta may target
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # of frozen weights; trainable ones stay fp32
 
 
-def autocast():
-    """bf16 autocast on CUDA (frozen weights in bf16, trainable ones fp32, losses fp32); a no-op on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): only then is bf16 faster than fp32 on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name="auto", device=DEVICE):
+    """--dtype auto|fp32|bf16 -> the frozen LLM's dtype. auto: bf16 on CUDA and on a CPU with native bf16, else fp32.
+    Trainable weights, optimizer state, the Yes/No logits and the loss stay fp32 whatever this is."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 class CheckpointError(ValueError):
@@ -152,14 +164,39 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def project(linear, x, delta, dropout=0.0, training=False):
-    """y = x W^T + (dropout(x) A^T) B^T, with shared (2-D) or per-example (3-D) factors."""
+def project(linear, x, delta, xd=None, memo=None):
+    """y = x W^T + (xd A^T) B^T, with shared (2-D) or per-example (3-D) factors; xd is x after the delta path's
+    dropout (default: x). The factors are trainable fp32; they meet x in the frozen LLM's dtype, and their gradients
+    flow back through the cast in fp32. memo {id(A): xd A^T} lets projections that read the same input with the same
+    A (CoRA's ΔW_A serves q, k and v alike) share one product."""
     y = linear(x)                                                       # (B, T, d_out)
     if delta is None:
         return y
     A, B = delta                                                        # (r, d_in) | (B, r, d_in); (d_out, r) | (B, d_out, r)
-    x = F.dropout(x, dropout, training) if dropout else x
-    return y + (x @ A.mT) @ B.mT                                        # (B, T, r) @ (.., r, d_out)
+    memo = {} if memo is None else memo
+    if id(A) not in memo:
+        memo[id(A)] = (x if xd is None else xd) @ A.to(x.dtype).mT      # (B, T, r)
+    return y + memo[id(A)] @ B.to(x.dtype).mT                           # (B, T, r) @ (.., r, d_out)
+
+
+def delta_input(x, deltas, names, p):
+    """x as the delta path of the projections `names` reads it: one dropout mask for all of them (they read the same
+    x), or x itself when none carries a delta or p is 0 (evaluation)."""
+    return fast_dropout(x, p) if p and any(n in deltas for n in names) else x
+
+
+def fast_dropout(x, p):
+    """Inverted dropout as F.dropout(x, p), its keep mask drawn from 16 random bits per element (four per 64-bit
+    draw), so p is rounded to a multiple of 2^-16. On CPU the random numbers are most of dropout's cost: this is
+    about 3x faster than F.dropout there, and it is a large share of a LoRA / CoRA training step (README, Speed)."""
+    t = round(p * 65536)                                                # drop when the 16 bits fall below t
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (x.numel() // 4 + 1,), dtype=torch.int64, device=x.device)
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= t - 32768
+    return torch.where(keep, x, 0) * (65536 / (65536 - t))
+
+
+def _at_least_fp32(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -168,8 +205,22 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in (at least) fp32 as HF does, scale in the model dtype
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = x.to(_at_least_fp32(x.dtype))
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def attend(q, k, v, bias):
+    """Causal GQA attention as explicit matmuls: softmax(q k^T / sqrt(hd) + bias) v. q (B, H, T, hd); k, v
+    (B, KV, S, hd); bias (B or 1, 1, T, S), 0 where a query may look and -inf where not. Query heads are grouped
+    onto their key head by a view, so k and v are never repeated. On CPU this is faster than SDPA with a mask, in
+    bf16 and fp32, forward and backward (README, Speed). The softmax reads and writes the model dtype (the CPU and
+    CUDA kernels accumulate bf16 in fp32), as HF's eager attention's fp32 softmax cast back to bf16 does."""
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    q = (q * hd ** -0.5).reshape(B, KV, H // KV * T, hd)                # (B, KV, G*T, hd): G query heads per key head
+    att = ((q @ k.mT).view(B, KV, H // KV, T, S) + bias[:, None]).softmax(-1)  # (B, KV, G, T, S), bias over G
+    y = att.view(B, KV, H // KV * T, S) @ v                             # (B, KV, G*T, hd)
+    return y.view(B, H, T, hd)
 
 
 class Attention(nn.Module):
@@ -181,15 +232,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, deltas, p):
+    def forward(self, x, cos, sin, bias, deltas, p, last=False):
+        """last: only the last position's output (B, 1, d), its query reading every key (the last layer of a
+        Yes/No score needs nothing else)."""
         B, T, _ = x.shape
-        q = project(self.q_proj, x, deltas.get("q"), p, self.training).view(B, T, self.n_heads, -1).transpose(1, 2)
-        k = project(self.k_proj, x, deltas.get("k"), p, self.training).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
-        v = project(self.v_proj, x, deltas.get("v"), p, self.training).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # (B, H, T, hd), (B, KV, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
-        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), deltas.get("o"), p, self.training)
+        xd, memo = delta_input(x, deltas, "qkv", p), {}                    # one dropout mask for q, k, v
+        k = project(self.k_proj, x, deltas.get("k"), xd, memo).view(B, T, self.n_kv_heads, self.head_dim)
+        v = project(self.v_proj, x, deltas.get("v"), xd, memo).view(B, T, self.n_kv_heads, self.head_dim)
+        if last:  # the query of the last position alone
+            x, xd, cq, sq = x[:, -1:], xd[:, -1:], cos[:, :, -1:], sin[:, :, -1:]
+            memo = {k: xa[:, -1:] for k, xa in memo.items()}
+        else:
+            cq, sq = cos, sin
+        q = project(self.q_proj, x, deltas.get("q"), xd, memo).view(B, -1, self.n_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, Tq, hd), (B, KV, T, hd)
+        q, k = q * cq + rotate_half(q) * sq, k * cos + rotate_half(k) * sin
+        y = attend(q, k, v, bias[:, :, -1:] if last else bias)            # (B, H, Tq, hd)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], -1)                   # (B, Tq, H * hd)
+        return project(self.o_proj, y, deltas.get("o"), delta_input(y, deltas, "o", p))
 
 
 class MLP(nn.Module):
@@ -200,9 +260,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=False)
 
     def forward(self, x, deltas, p):
-        g = project(self.gate_proj, x, deltas.get("gate"), p, self.training)
-        u = project(self.up_proj, x, deltas.get("up"), p, self.training)
-        return project(self.down_proj, F.silu(g) * u, deltas.get("down"), p, self.training)
+        xd, memo = delta_input(x, deltas, ("gate", "up"), p), {}          # one dropout mask for gate, up
+        g, u = (project(lin, x, deltas.get(n), xd, memo) for lin, n in ((self.gate_proj, "gate"), (self.up_proj, "up")))
+        h = F.silu(g) * u                                                  # (B, T, d_ffn)
+        return project(self.down_proj, h, deltas.get("down"), delta_input(h, deltas, ("down",), p))
 
 
 class Block(nn.Module):
@@ -211,8 +272,8 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
         self.self_attn, self.mlp = Attention(a), MLP(a)
 
-    def forward(self, h, cos, sin, attn_mask, deltas, p):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, deltas, p)
+    def forward(self, h, cos, sin, bias, deltas, p, last=False):
+        h = (h[:, -1:] if last else h) + self.self_attn(self.input_layernorm(h), cos, sin, bias, deltas, p, last)
         return h + self.mlp(self.post_attention_layernorm(h), deltas, p)
 
 
@@ -234,28 +295,31 @@ class Llama(nn.Module):
         vocabulary rows (B, [T,] n); with return_hidden the final-normed hidden states instead of logits."""
         h = self.embed_tokens(tokens) if embeds is None else embeds            # (B, T, d)
         B, T, _ = h.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
         if mask is None:
-            pos, attn_mask = torch.arange(T, device=h.device).expand(B, T), None
+            pos, allowed = torch.arange(T, device=h.device).expand(B, T), causal[None, None]  # (1, 1, T, T)
         else:
             mask = mask.bool()
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                    # (B, T): 0 at each row's first real token
-            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
             eye = torch.eye(T, dtype=torch.bool, device=h.device)
-            attn_mask = (causal & mask[:, None, None, :]) | eye                # (B, 1, T, T)
+            allowed = (causal & mask[:, None, None, :]) | eye                  # (B, 1, T, T)
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         freqs = pos[..., None].float() * rope_freqs(self.args, h.device)     # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), -1)[:, None]                          # (B, 1, T, hd) rotate-half layout
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         per_layer = [{} for _ in self.layers]
         for (layer, proj), ab in (deltas or {}).items():
             per_layer[layer][proj] = ab
-        for layer, d in zip(self.layers, per_layer):
-            h = layer(h, cos, sin, attn_mask, d, delta_dropout)
+        for i, (layer, d) in enumerate(zip(self.layers, per_layer)):  # with last_only the last layer runs 1 query
+            h = layer(h, cos, sin, bias, d, delta_dropout, last=last_only and i == len(self.layers) - 1)
         if last_only:
             h = h[:, -1]                                                       # (B, d): left padding puts every row's last token here
         h = self.norm(h)
         if return_hidden:
             return h
         W = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]  # (V or n, d)
+        if token_ids is not None:  # the Yes/No logits are computed in (at least) fp32
+            h, W = h.to(_at_least_fp32(h.dtype)), W.to(_at_least_fp32(h.dtype))
         return F.linear(h, W)
 
     @torch.no_grad()
@@ -293,8 +357,7 @@ def perplexity(model, tok, text, window=256, max_tokens=4096, batch=4, deltas=No
     inputs, targets = x[:-1].view(n, window), x[1:].view(n, window)      # (n, window) each
     nll = 0.0
     for i in range(0, n, batch):
-        with autocast():
-            logits = model(inputs[i:i + batch], deltas=deltas).float()  # (b, window, V)
+        logits = model(inputs[i:i + batch], deltas=deltas).float()      # (b, window, V)
         nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + batch].flatten(), reduction="sum").item()
     return math.exp(nll / (n * window))
 
@@ -311,8 +374,7 @@ def answer_logprob(model, tok, prompts, answers, deltas=None, per_token=False):
         seqs.append(full)
         n_answer.append(len(full) - len(head))
     tokens, mask = tok.batch(seqs, model.embed_tokens.weight.device)   # left padded: answers end every row
-    with autocast():
-        logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
+    logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
     lp = torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
     return lp / torch.tensor(n_answer, device=lp.device) if per_token else lp
 
@@ -441,7 +503,9 @@ def load_llama(folder, dtype=torch.float32, device="cpu"):
 
 
 def load(folder, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) of an HF LLaMA folder; the tokenizer is checked against config.json before the weights load."""
+    """(model, tokenizer) of an HF LLaMA folder, the weights in dtype (a torch dtype or "auto" / "fp32" / "bf16");
+    the tokenizer is checked against config.json before the weights load."""
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     tok, args = Tokenizer(folder), ModelArgs.from_config(folder)
     if tok.n_words > args.vocab_size:
         raise CheckpointError(f"{tok.path} has {tok.n_words} pieces but {folder}/config.json says vocab_size "
@@ -489,122 +553,14 @@ def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
     return folder
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def prefault(model):
-    """Read every weight once, so that memory-mapped pages count in set-up, not in the measured step."""
-    sum(float(p.sum()) for p in model.parameters())
-    return model
-
-
-def peak_memory_mb():
-    """This process's peak memory so far: the CUDA allocator's on GPU, the maximum RSS on CPU."""
-    if DEVICE == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _time(fn, reps):
-    import time
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
-
-
-def _measure_child(build, args, reps, out):
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    step = build(*args)                     # set-up (weights, inputs) is not counted in the peak
-    base = peak_memory_mb()
-    sec = _time(step, reps)
-    out.put((sec, peak_memory_mb() - base))
-
-
-def _measure_cuda(build, args, reps):
-    torch.manual_seed(0)
-    step = build(*args)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    sec = _time(lambda: (step(), torch.cuda.synchronize()), reps)
-    return sec, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-
-def measure(build, *args, reps=3):
-    """(seconds per call, peak MB above set-up) of the step `build(*args)` returns. On CPU in a fresh process,
-    so that the process's max RSS is this case's peak alone (`build` must be a module-level function); on CUDA
-    in this process, from the allocator's peak."""
-    if DEVICE == "cuda":
-        return _measure_cuda(build, args, reps * 5)
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_measure_child, args=(build, args, reps, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
-def _bench_step(case, ckpt, B, T):
-    if case.startswith("merge"):  # one d x d projection with per-example rank-r increments
-        d, r, kw = 2048, 8, dict(device=DEVICE, dtype=DTYPE)
-        x, W = torch.randn(B, T, d, **kw), torch.randn(d, d, **kw) / d ** 0.5
-        train = case.endswith("train")
-        A = (torch.randn(B, r, d, **kw) / d ** 0.5).requires_grad_(train)
-        Bf = (torch.randn(B, d, r, **kw) / r ** 0.5).requires_grad_(train)
-        if case.startswith("merge-delta"):
-            f = lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT
-        else:
-            f = lambda: torch.bmm(x, (W + Bf @ A).mT)  # (B, d, d) materialised per example
-        return (lambda: f().square().mean().backward()) if train else torch.no_grad()(f)
-    model = prefault(load_llama(ckpt, DTYPE, DEVICE))
-    a, r, dims = model.args, 8, proj_dims(model.args)
-    tokens = torch.randint(0, a.vocab_size, (B, T), device=DEVICE)
-    if case == "forward":
-        return lambda: torch.no_grad()(model)(tokens, last_only=True)
-    lora = {(l, p): (torch.randn(r, a.dim, device=DEVICE).mul(0.02).requires_grad_(),
-                     torch.zeros(dims[p][0], r, device=DEVICE).requires_grad_()) for l in range(a.n_layers) for p in "qv"}
-
-    def step():
-        with autocast():
-            loss = model(tokens, deltas=lora, last_only=True).float().sum()
-        loss.backward()
-    return step
-
-
-def bench(ckpt, B=8, T=160):
-    res = {}
-    for case in ["forward", "forward+backward (LoRA q,v r=8)", "merge-delta", "merge-materialised",
-                 "merge-delta train", "merge-materialised train"]:
-        if ckpt is None and not case.startswith("merge"):
-            continue
-        sec, mb = res[case] = measure(_bench_step, case, ckpt, B, T)
-        extra = f"{B * T / sec:9.0f} tokens/s" if not case.startswith("merge") else f"{B / sec:9.1f} examples/s"
-        print(f"{case:34s} {sec * 1e3:8.1f} ms/step {extra}  peak +{mb:7.1f} MB  ({DEVICE}, {DTYPE})")
-    for mode in ("", " train"):
-        (t1, m1), (t2, m2) = res["merge-delta" + mode], res["merge-materialised" + mode]
-        print(f"per-example delta vs materialised merge{mode or ' forward'} (d=2048, r=8, B={B}, T={T}): "
-              f"{t2 / t1:.1f}x faster, {m2 / max(m1, 1e-9):.1f}x less peak memory")
-    return res
-
-
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--ckpt", help="HF LLaMA folder (config.json, model.safetensors, tokenizer.model)")
     ap.add_argument("--prompt", default="The movie Toy Story (1995) is about")
     ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--bench", action="store_true", help="time forward / LoRA backward / per-example merge")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=160)
     a = ap.parse_args()
-    if a.bench:
-        bench(a.ckpt, a.batch, a.seq)
-    elif not a.ckpt:
+    if not a.ckpt:
         ap.error("--ckpt DIR is required to generate")
     else:
         tok, model = Tokenizer(a.ckpt), load_llama(a.ckpt)

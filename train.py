@@ -112,7 +112,7 @@ def run_cf(data_name, method, out="runs", data_root=None, seed=2023, overrides=N
     checkpoint = os.path.join(folder, "cf.safetensors")
     cf.save_cf(checkpoint, model, {"dataset": data_name, "seed": seed, **hp})
     result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
-                  wall_time_s=time.time() - t0, checkpoint=checkpoint, peak_memory_mb=llama.peak_memory_mb(),
+                  wall_time_s=time.time() - t0, checkpoint=checkpoint, peak_memory_mb=peak_memory_mb(),
                   trainable_params=sum(p.numel() for p in model.parameters()))
     write_results(folder, ds.test, cf.predict(model, ds.test), result)
     log(markdown_table(method, {"valid": result["valid"], "test": result["test"]}, result["wall_time_s"]))
@@ -197,8 +197,7 @@ def predict(model, seqs, slots, split, batch_size, device):
     mine = collm.batches([len(s) for s in seqs], batch_size, shuffle=False)[rank::world]
     scores = np.zeros(len(split), dtype=np.float32)
     for idx in mine:
-        with llama.autocast():
-            scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).float().cpu().numpy()
+        scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).cpu().numpy()
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, [(idx, scores[idx]) for idx in mine])
@@ -288,7 +287,7 @@ def check_split(split, name, path_hint):
 def run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
-    device, dtype = llama.DEVICE, llama.DTYPE  # CUDA + bf16 frozen LLM when present, else CPU + fp32
+    device, dtype = llama.DEVICE, llama.resolve_dtype(args.dtype)  # the frozen LLM's dtype; trainables stay fp32
     rank, world = rank_world()  # torchrun: every rank trains on 1/world of each global batch; rank 0 writes
     log = print if rank == 0 else (lambda *a, **kw: None)
     ds = data.load_dataset(args.data, args.data_root)
@@ -337,7 +336,7 @@ def run_llm(args):
         c = {k: meta[k] for k in c}
         log(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
     log(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
-        f"{total} steps of {args.batch_size}x{args.accum}, device {device}" + (f", {world} processes" if world > 1 else ""))
+        f"{total} steps of {args.batch_size}x{args.accum}, {device} {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
     seqs, slots = enc["train"]
     tl, seen, skipped, out_of_time = time.time(), 0, 0, False
     os.makedirs(out, exist_ok=True)
@@ -352,8 +351,8 @@ def run_llm(args):
             for k, idx in enumerate(np.array_split(group[rank::world], args.accum)):  # this rank's micro-batches
                 b = collm.collate(tok, seqs, slots, splits["train"], idx, device)
                 with net.no_sync() if world > 1 and k < args.accum - 1 else contextlib.nullcontext():
-                    with llama.autocast():  # DDP averages over ranks: weight world * |idx| / |group| gives the global mean
-                        loss = F.binary_cross_entropy_with_logits(net(b), b["label"]) * len(idx) * world / len(group)
+                    # DDP averages over ranks: weight world * |idx| / |group| gives the global mean
+                    loss = F.binary_cross_entropy_with_logits(net(b), b["label"]) * len(idx) * world / len(group)
                     loss.backward()
                 loss_sum += loss.item() / world
             if world > 1:  # the global loss: the log and the NaN check agree on every rank
@@ -408,8 +407,8 @@ def run_llm(args):
     test = cf.evaluate(splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=c["best_auc"], steps=c["step"],
                   trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
-                  test_rows=len(splits["test"]), llm=folder, device=device, test=test,
-                  peak_memory_mb=llama.peak_memory_mb(), processes=world)
+                  test_rows=len(splits["test"]), llm=folder, device=device, dtype=str(dtype).removeprefix("torch."), test=test,
+                  peak_memory_mb=peak_memory_mb(), processes=world)
     if rank > 0:
         return result
     write_results(out, splits["test"], scores, result)
@@ -426,40 +425,103 @@ def run_llm(args):
     return result
 
 
-def _bench_step(method, folder, data_name, data_root, weight_types, r, batch_size, compile_llm):
-    """One training step of CoRA or of a shared LoRA with the same rank and targets, on a real batch."""
-    ds = data.load_dataset(data_name, data_root)
-    llm, tok = llama.load(folder, llama.DTYPE, llama.DEVICE)
-    llama.prefault(llm)
-    llm = llama.compile_blocks(llm) if compile_llm else llm  # compiled during measure()'s warm-up step
-    split = ds.train.subset(np.arange(batch_size))
+def peak_memory_mb():
+    """This process's peak memory so far: the CUDA allocator's on GPU, the maximum RSS on CPU."""
+    if llama.DEVICE == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_batch(args, ds):
+    """A typical training batch: the --batch-size (8) train prompts among the first 40 batches' worth whose token
+    lengths are nearest the median, as length bucketing would group them."""
+    B, tok = args.batch_size or 8, llama.Tokenizer(args.llm or toy_llm(ds, os.path.join(args.out, args.data)))
+    split = ds.train.subset(np.arange(min(len(ds.train), 40 * B)))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
-    b = collm.collate(tok, seqs, None, split, np.arange(batch_size), llama.DEVICE)
-    yes_no = collm.answer_ids(tok, tok.decode(seqs[0]))
-    if method == "CoRA":
-        m = cora.CoRA(llm, tok, yes_no, cf.MF(ds.n_users, ds.n_items, 256), weight_types=weight_types, r=r, alpha=2 * r)
-    else:
-        m = collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r, targets=cora.WEIGHT_TYPES[weight_types])
-    m.to(llama.DEVICE).train()
-
-    def step():
-        with llama.autocast():
-            loss = F.binary_cross_entropy_with_logits(m(b), b["label"])
-        loss.backward()
-    return step
+    lengths = np.array([len(s) for s in seqs])
+    return collm.collate(tok, seqs, None, split, np.sort(np.argsort(np.abs(lengths - np.median(lengths)))[:B]),
+                         llama.DEVICE)
 
 
-def bench(args):
-    """CoRA vs a shared LoRA of equal rank on the same targets and batch: training-step time and peak memory."""
-    folder = args.llm or toy_llm(data.load_dataset(args.data, args.data_root), os.path.join(args.out, args.data))
-    B, r, res = args.batch_size or 8, args.r or 16, {}
-    for name in ("shared LoRA", "CoRA"):
-        sec, mb = res[name] = llama.measure(_bench_step, name, folder, args.data, args.data_root, args.weight_types, r, B,
-                                                args.compile)
-        print(f"{name:12s} {sec * 1e3:8.1f} ms/step {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB  "
-              f"(ML-1M train epoch: {33891 / (B / sec) / 60:.1f} min)")
-    (t0, m0), (t1, m1) = res["shared LoRA"], res["CoRA"]
-    print(f"CoRA / shared LoRA ({args.weight_types}, r={r}, batch {B}): {t1 / t0:.2f}x time, {m1 / m0:.2f}x peak memory")
+def bench_steps(args, dtype, ds, b, only=None):
+    """{case: one call} for a shared LoRA and CoRA of equal rank and targets on the batch b: a training step
+    (forward, backward, AdamW) and a forward-only scoring pass, sharing one frozen LLM stored in dtype.
+    only: build that method alone ("shared LoRA" or "CoRA")."""
+    llm, tok = llama.load(args.llm or toy_llm(ds, os.path.join(args.out, args.data)), dtype, llama.DEVICE)
+    sum(float(p.float().sum()) for p in llm.parameters())  # page the weights in before anything is timed
+    llm = llama.compile_blocks(llm) if args.compile else llm  # compiled during the warm-up call
+    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
+    r = 16 if args.r is None else args.r
+    build = {"shared LoRA": lambda: collm.TALLRec(llm, tok, yes_no, r=r, alpha=2 * r,
+                                                  targets=cora.WEIGHT_TYPES[args.weight_types]),
+             "CoRA": lambda: cora.CoRA(llm, tok, yes_no, cf.MF(ds.n_users, ds.n_items, 256), args.weight_types, r=r,
+                                       alpha=2 * r)}
+    steps = {}
+    for name in [only] if only else build:
+        m = build[name]().to(llama.DEVICE)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+        def train_step(m=m, opt=opt):
+            m.train()
+            F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[f"{name} train"] = train_step
+        steps[f"{name} forward"] = torch.no_grad()(lambda m=m: m.eval()(b))
+    return steps
+
+
+def bench(args, reps=3):
+    """Shared LoRA vs CoRA (q, k, v, o; r 16) on one length-bucketed batch of real prompts, in fp32 and bf16 (or
+    --dtype alone): examples/s, step time, peak memory and the implied ML-1M epoch. The cases of a dtype are timed
+    in this process in interleaved rounds (so machine noise hits them alike); each case's peak memory comes from
+    a fresh child process that runs it twice (`--bench-case`)."""
+    import subprocess
+    import sys
+    ds = data.load_dataset(args.data, args.data_root)
+    b = bench_batch(args, ds)
+    B = len(b["label"])
+    dtypes = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
+    print(f"bench: {args.llm or 'toy LLM'}, batch {B} x {b['tokens'].shape[1]} tokens, {args.weight_types} "
+          f"r {16 if args.r is None else args.r}, {llama.DEVICE}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    res = {}
+    for dt in dtypes:
+        steps = bench_steps(args, llama.resolve_dtype(dt), ds, b)
+        times = {k: [] for k in steps}
+        for k, f in steps.items():  # warm-up (and compile)
+            f()
+        for _ in range(reps):
+            for k, f in steps.items():
+                t = time.perf_counter()
+                f()
+                torch.cuda.synchronize() if llama.DEVICE == "cuda" else None
+                times[k].append(time.perf_counter() - t)
+        for k in steps:
+            argv = [sys.executable, os.path.abspath(__file__), *to_argv(args, dtype=dt), "--bench-case", k]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+            sec, mb = float(np.median(times[k])), float(out[-1])
+            res[(dt, k)] = (sec, mb)
+            epoch = f", ML-1M {'train epoch' if 'train' in k else 'test split'}: " + \
+                f"{(33891 if 'train' in k else 7331) / (B / sec) / 60:.1f} min"
+            print(f"{dt:5s} {k:20s} {sec * 1e3:8.1f} ms {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB{epoch}", flush=True)
+        for mode in ("train", "forward"):
+            (t0, m0), (t1, m1) = res[(dt, f"shared LoRA {mode}")], res[(dt, f"CoRA {mode}")]
+            print(f"{dt:5s} CoRA / shared LoRA {mode}: {t1 / t0:.2f}x time, {m1 / m0:.2f}x peak memory")
+    if len(dtypes) == 2:
+        for k in steps:
+            print(f"bf16 / fp32 {k}: {res[('fp32', k)][0] / res[('bf16', k)][0]:.2f}x faster")
+    return res
+
+
+def bench_case(args):
+    """Child of bench: run one case twice; print the peak memory it added above set-up (MB)."""
+    ds = data.load_dataset(args.data, args.data_root)
+    method = args.bench_case.rsplit(" ", 1)[0]
+    step = bench_steps(args, llama.resolve_dtype(args.dtype), ds, bench_batch(args, ds), method)[args.bench_case]
+    base = peak_memory_mb()
+    step(), step()
+    print(peak_memory_mb() - base)
 
 
 # ----------------------------------------------------------------------------- the comparison: --method all
@@ -625,7 +687,7 @@ def general_ability(args):
     """Perplexity on general English text and accuracy on a cloze set (right answer more likely than wrong), for the
     base LLM and for the LLM as each trained run in --adapter leaves it: TALLRec/CoLLM with their LoRA applied,
     CoRA with the W_c of --pairs seeded test (user, item) pairs (default 8, averaged)."""
-    llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
+    llm, tok = llama.load(args.llm, llama.resolve_dtype(args.dtype), llama.DEVICE)
     with open(args.general_text, encoding="utf-8", errors="replace") as f:
         text = f.read()
     with open(CLOZE, encoding="utf-8") as f:
@@ -669,7 +731,7 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
     """Greedy answers to a free-text question about the target item: base LLM; CoLLM with its collaborative
     embeddings in the prompt (and its LoRA); CoRA with the pair's W_c; TALLRec with its LoRA. Each answer is scored
     by the base LLM's perplexity given the plain question (lower = still fluent, on-topic text)."""
-    llm, tok = llama.load(args.llm, llama.DTYPE, llama.DEVICE)
+    llm, tok = llama.load(args.llm, llama.resolve_dtype(args.dtype), llama.DEVICE)
     runs = [load_run(run, llm, tok) for run in args.adapter or []]
     ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
     uid, iid, his = sample_pairs(ds, args.pairs or 30, args.seed)
@@ -725,6 +787,8 @@ def fill_llm_defaults(args):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench_case:
+        return bench_case(args)
     if args.bench:
         return bench(args)
     if args.eval_general or args.generate:
@@ -817,7 +881,10 @@ def cli():
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
     g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (pays off on GPU and "
                    "on long runs: compiling takes minutes on a CPU)")
-    g.add_argument("--bench", action="store_true", help="CoRA vs shared LoRA training step: time and memory")
+    g.add_argument("--bench", action="store_true", help="shared LoRA vs CoRA, fp32 vs bf16: step time and memory")
+    g.add_argument("--bench-case", help=argparse.SUPPRESS)  # one case of --bench, in a child process
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="the frozen LLM's dtype; auto: "
+                   "bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32")
     return parser
 
 
