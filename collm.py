@@ -72,7 +72,7 @@ def encode_placeholders(tok, text):
     head, rest = text.split(data.USER_TOKEN)
     mid, tail = rest.split(data.ITEM_TOKEN)
     a, b, c = tok.encode(head), tok.encode(mid, bos=False), tok.encode(tail, bos=False)
-    placeholder = max(tok.sp.unk_id(), 0)
+    placeholder = tok.unk_id
     return a + [placeholder] + b + [placeholder] + c, (len(a), len(a) + 1 + len(b))
 
 

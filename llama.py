@@ -27,15 +27,24 @@ Deliberate choices:
 - `generate` is greedy without a KV cache: it is for sanity checks and teaching, not serving.
 - Loading reads the safetensors headers first (sizes, dtypes, offsets, key set, shapes) and names every
   problem in one error before any tensor is read; the model is built on the meta device and the loaded
-  tensors are assigned in place, so the weights are never held twice.
+  tensors are assigned in place, so the weights are never held twice. Published pytorch_model*.bin pickles are
+  not read: `python llama.py --convert DIR OUT` turns them into safetensors once (torch's weights-only unpickler).
+- Tokenizer: the folder's sentencepiece tokenizer.model, else its Hugging Face tokenizer.json, read as byte-level BPE
+  by the standard library alone (its regexes run on `re`, with \\p{L}/\\p{N} classes built from unicodedata).
+  What the file asks for and this reader lacks (normalizers, Unigram/WordPiece, byte fallback, ...) is refused.
 
 Run `python llama.py --ckpt DIR --prompt "..."` to generate; `python train.py --bench` times training steps.
 """
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
+import re
 import struct
+import sys
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +108,7 @@ class ModelArgs:
         path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no config.json; point --llm at a Hugging Face LLaMA folder "
-                                  f"(config.json + model.safetensors + tokenizer.model)")
+                                  f"(config.json + model.safetensors + tokenizer.model or tokenizer.json)")
         try:
             with open(path) as f:
                 c = json.load(f)
@@ -382,7 +391,40 @@ def answer_logprob(model, tok, prompts, answers, deltas=None, per_token=False):
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """sentencepiece tokenizer.model with LLaMA's BOS/EOS convention and left-padded batches."""
+    """Tokenizer(path): the folder's sentencepiece tokenizer.model, else its Hugging Face tokenizer.json (byte-level
+    BPE). Both have encode/decode, left-padded batches, path, n_words, bos/eos ids (-1: none) and pad/unk ids."""
+
+    def __new__(cls, path, add_bos=None):
+        if cls is Tokenizer:
+            has = lambda name: os.path.isfile(os.path.join(path, name))
+            if not os.path.isfile(path) and not has("tokenizer.model") and not has("tokenizer.json"):
+                raise CheckpointError(f"{path}: neither tokenizer.model (sentencepiece) nor tokenizer.json (Hugging "
+                                      f"Face BPE) in the checkpoint folder; copy the model's tokenizer file there")
+            bpe = path.endswith(".json") or os.path.isdir(path) and not has("tokenizer.model")
+            cls = BPETokenizer if bpe else SentencePieceTokenizer
+        return super().__new__(cls)
+
+    def encode(self, s, bos=None, eos=False):
+        return [self.bos_id] * bool(self.add_bos if bos is None else bos) + self.ids(s) + [self.eos_id] * bool(eos)
+
+    def batch(self, seqs, device="cpu"):
+        """Texts or id lists -> left-padded tokens (B, T) and mask (B, T)."""
+        seqs = [self.encode(s) if isinstance(s, str) else list(s) for s in seqs]
+        T = max(map(len, seqs))
+        tokens = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, T - len(s):], mask[i, T - len(s):] = torch.tensor(s, dtype=torch.long), 1
+        return tokens.to(device), mask.to(device)
+
+
+def tokenizer_config(folder):
+    path = os.path.join(folder, "tokenizer_config.json")
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """sentencepiece tokenizer.model with LLaMA's BOS/EOS convention."""
 
     def __init__(self, path, add_bos=None):
         import sentencepiece as spm
@@ -394,33 +436,200 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except Exception as e:
-            raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from None
+            also = os.path.isfile(os.path.join(folder, "tokenizer.json")) and "; tokenizer.json is read only without it"
+            raise CheckpointError(f"{path}: not a sentencepiece model ({e}){also or ''}") from None
         self.path, self.n_words = path, self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = max(self.sp.pad_id(), 0)  # padded positions are masked, any valid id will do
+        self.pad_id, self.unk_id = max(self.sp.pad_id(), 0), max(self.sp.unk_id(), 0)  # any valid id will do
         if add_bos is None:  # tokenizer_config.json decides; else LLaMA's "<s>" convention
-            cfg = os.path.join(folder, "tokenizer_config.json")
-            add_bos = json.load(open(cfg)).get("add_bos_token") if os.path.isfile(cfg) else None
+            add_bos = tokenizer_config(folder).get("add_bos_token")
             if add_bos is None:
                 add_bos = self.bos_id >= 0 and self.sp.id_to_piece(self.bos_id) == "<s>"
         self.add_bos = bool(add_bos)
 
-    def encode(self, s, bos=None, eos=False):
-        ids = self.sp.encode(s)
-        return ([self.bos_id] if (self.add_bos if bos is None else bos) else []) + ids + ([self.eos_id] if eos else [])
+    def ids(self, s):
+        return self.sp.encode(s)
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
-    def batch(self, seqs, device="cpu"):
-        """Texts or id lists -> left-padded tokens (B, T) and mask (B, T)."""
-        seqs = [self.encode(s) if isinstance(s, str) else list(s) for s in seqs]
-        T = max(map(len, seqs))
-        tokens = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, T - len(s):], mask[i, T - len(s):] = torch.tensor(s, dtype=torch.long), 1
-        return tokens.to(device), mask.to(device)
+
+_WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space (Oniguruma's \s)
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's use_regex
+_OTHER = iter(range(256, 512))  # GPT-2's printable stand-in for each byte: the byte if printable, else 256, 257, ...
+_BYTES = "".join(chr(b) if 33 <= b <= 126 or 161 <= b <= 255 and b != 173 else chr(next(_OTHER)) for b in range(256))
+_BYTES_TABLE, _TO_BYTES = dict(enumerate(_BYTES)), {c: b for b, c in enumerate(_BYTES)}
+
+
+@functools.cache
+def _category_runs():
+    """(general category, length) of each run of code points of one category, from one scan of unicodedata."""
+    every = map(unicodedata.category, map(chr, range(sys.maxunicode + 1)))
+    return [(cat, len(list(run))) for cat, run in itertools.groupby(every)]
+
+
+@functools.cache
+def unicode_class(name, bmp=False):
+    """The ranges of \\p{name} (name a general category: L, N, Lu, Nd, ...) as the body of a Python re class;
+    bmp: below U+10000 only (re tests those with one bitmap lookup, the others range by range)."""
+    if not (name.isalpha() and len(name) <= 2 and any(cat.startswith(name) for cat, _ in _category_runs())):
+        raise ValueError(f"\\p{{{name}}}")
+    out, i = [], 0
+    for inside, runs in itertools.groupby(_category_runs(), lambda r: r[0].startswith(name)):
+        n = sum(k for _, k in runs)
+        if inside and (i <= 0xFFFF or not bmp):
+            out.append(f"\\U{i:08x}-\\U{min(i + n - 1, 0xFFFF if bmp else sys.maxunicode):08x}")
+        i += n
+    return "".join(out)
+
+
+_UNITS = r"\[\^?\]?(?:\\.|[^\\\]])*\]|\\[pP]\{(\w*)\}|\\(.)|\((?!\?)"  # a [...] class, an escape, a "(" group
+
+
+def onig_to_re(pattern, bmp=False):
+    """A tokenizers (Oniguruma) regex as a Python re with one group around it: \\p{..} from unicodedata, \\s as
+    White_Space. ValueError names a construct whose meaning differs (\\w, \\b, backreferences, nested classes).
+    bmp: a faster twin, exact on text without code points above U+FFFF."""
+    def escape(m, in_class):
+        e = m.group()[1]
+        if e in "sS" or e in "pP" and m.group(1) is not None:
+            if in_class and e.isupper():
+                raise ValueError(f"{m.group()} inside [...]")
+            body = _WS if e in "sS" else unicode_class(m.group(1), bmp)
+            return body if in_class else f"[{'^' * e.isupper()}{body}]"
+        if e.isalnum() and e not in "dDrntfvxuA":
+            raise ValueError(m.group())
+        return m.group()
+
+    def unit(m):
+        u = m.group()
+        if u[0] == "[" and re.search(r"\[|&&", re.sub(r"\\.", "", u[1:])):
+            raise ValueError(f"nested or intersected classes {u}")
+        if u[0] == "[":
+            return re.sub(r"\\[pP]\{(\w*)\}|\\(.)", lambda e: escape(e, True), u)
+        return "(?:" if u == "(" else escape(m, False)  # the only group is ours
+    return re.compile("(" + re.sub(_UNITS, unit, pattern) + ")", re.M)  # Oniguruma's ^ and $ are per line
+
+
+def _splitter(pattern, keep=True):
+    """pieces -> pieces cut at the regex's matches; the matches become pieces of their own (keep) or are dropped."""
+    full, bmp = onig_to_re(pattern), onig_to_re(pattern, bmp=True)
+    rx, step = (lambda s: bmp if s.isascii() or max(s) < "\U00010000" else full), 1 if keep else 2
+    return lambda pieces: [p for s in pieces for p in rx(s).split(s)[::step] if p]  # odd items are the matches
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json with a byte-level BPE model, in the standard library alone: the ByteLevel,
+    Split (Oniguruma regex), Digits and Sequence pre-tokenizers, merges by rank in either format, ignore_merges,
+    added tokens (split out first), TemplateProcessing's BOS and the ByteLevel decoder. Anything else is refused."""
+
+    def __init__(self, path, add_bos=None):
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        self.path = path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            with open(path, encoding="utf-8") as f:
+                self._read(json.load(f), tokenizer_config(folder), add_bos)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+
+    def _refuse(self, field, value, supported):
+        raise CheckpointError(f"{self.path}: {field} = {json.dumps(value)[:300]} is not implemented (supported: "
+                              f"{supported}); use the model's tokenizer.model or extend BPETokenizer")
+
+    def _read(self, t, cfg, add_bos):
+        m = t["model"]
+        checks = [("model.type", m.get("type", "BPE"), ("BPE",)), ("normalizer", t.get("normalizer"), (None,)),
+                  ("decoder.type", (t.get("decoder") or {}).get("type"), ("ByteLevel",))]
+        checks += [(f"model.{k}", m.get(k), (None, ok)) for k, ok in [("dropout", 0), ("byte_fallback", False),
+                   ("fuse_unk", False), ("continuing_subword_prefix", ""), ("end_of_word_suffix", "")]]
+        checks += [(f"added_tokens[{a['id']}].{k}", a.get(k, False), (False,)) for a in t.get("added_tokens", [])
+                   for k in ("single_word", "lstrip", "rstrip")]
+        for field, value, ok in checks:
+            if value not in ok:
+                self._refuse(field, value, " or ".join(map(json.dumps, ok)))
+        self.vocab, self.ignore_merges = m["vocab"], bool(m.get("ignore_merges"))
+        self.ranks = {tuple(p.split(" ") if isinstance(p, str) else p): r for r, p in enumerate(m["merges"])}
+        self.unk = self.vocab.get(m.get("unk_token"))  # for pieces outside the vocabulary; None: dropped, as HF does
+        self.added = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
+        alternatives = "|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))  # leftmost-longest
+        self.added_rx = re.compile(f"({alternatives})") if self.added else None
+        self.tokens = {i: s for s, i in [*self.vocab.items(), *self.added.items()]}  # id -> piece, for decode
+        self.n_words = max(self.tokens) + 1
+        self.steps = self._pre_tokenizer(t.get("pre_tokenizer"), "pre_tokenizer")
+        if self._to_bytes not in self.steps:
+            self._refuse("pre_tokenizer", t.get("pre_tokenizer"), "one with a ByteLevel step")
+        prefix, post = [], t.get("post_processor") or {"type": "ByteLevel"}
+        for p in post["processors"] if post.get("type") == "Sequence" else [post]:
+            if p.get("type") == "TemplateProcessing":  # [BOS] $A: the BOS this model's encode(bos=True) adds
+                k = [next(iter(x)) for x in p["single"]].index("Sequence")
+                prefix = [i for x in p["single"][:k] for i in p["special_tokens"][x["SpecialToken"]["id"]]["ids"]]
+                if len(prefix) > 1 or len(p["single"]) > k + 1:
+                    self._refuse("post_processor.single", p["single"], "[BOS] $A or $A")
+            elif p.get("type") != "ByteLevel":
+                self._refuse("post_processor", p, "ByteLevel, TemplateProcessing or a Sequence of them")
+        tid = lambda v: tid(v["content"]) if isinstance(v, dict) else self.added.get(v, self.vocab.get(v, -1))
+        self.bos_id = prefix[0] if prefix else tid(cfg.get("bos_token"))
+        self.eos_id, self.pad_id, self.unk_id = tid(cfg.get("eos_token")), 0, max(tid(m.get("unk_token")), 0)
+        add_bos = cfg.get("add_bos_token", bool(prefix)) if add_bos is None else add_bos  # the config, else template
+        if add_bos and self.bos_id < 0:
+            self._refuse("post_processor", post, "a BOS token when tokenizer_config.json's add_bos_token is true")
+        last = self.steps[-1] == self._to_bytes  # then the byte mapping runs once per distinct piece, in the cache
+        self.steps = self.steps[:len(self.steps) - last]
+        merge = (lambda p: self._merge(self._to_bytes([p])[0])) if last else self._merge
+        self.add_bos, self._word = bool(add_bos), functools.lru_cache(2 ** 17)(merge)
+
+    def _pre_tokenizer(self, spec, field):
+        """The steps (pieces -> pieces) of a pre_tokenizer spec."""
+        kind = (spec or {}).get("type")
+        if kind == "Sequence":
+            return [s for i, p in enumerate(spec["pretokenizers"]) for s in self._pre_tokenizer(p, f"{field}[{i}]")]
+        if kind == "Split" and spec["behavior"] in ("Isolated", "Removed") and not spec.get("invert"):
+            try:
+                return [_splitter(spec["pattern"].get("Regex") or re.escape(spec["pattern"]["String"]),
+                                  keep=spec["behavior"] == "Isolated")]
+            except (ValueError, re.error) as e:
+                self._refuse(f"{field}.pattern", spec["pattern"], f"regexes Python's re runs exactly; this one has {e}")
+        if kind == "Digits":  # Rust's char::is_numeric, i.e. \p{N}
+            return [_splitter(r"\p{N}" + "+" * (not spec.get("individual_digits")))]
+        if kind == "ByteLevel":  # a space before every piece that lacks one, GPT-2's split, bytes -> stand-ins
+            space = [lambda ps: [p if p[0] == " " else " " + p for p in ps]] * bool(spec.get("add_prefix_space"))
+            regex = [_splitter(_GPT2)] * bool(spec.get("use_regex", True))
+            return space + regex + [self._to_bytes]
+        self._refuse(field, spec, "ByteLevel, Split (Isolated or Removed, not inverted), Digits, Sequence")
+
+    @staticmethod
+    def _to_bytes(pieces):
+        return [p.encode().decode("latin-1").translate(_BYTES_TABLE) for p in pieces]
+
+    def _merge(self, piece):
+        """Ids of one pre-tokenized piece: merges applied lowest rank first (the piece itself under ignore_merges).
+        The stand-ins hold no space, so a word is " a  b  c " and merging (a, b) everywhere is one str.replace."""
+        if self.ignore_merges and piece in self.vocab:
+            return (self.vocab[piece],)
+        word = list(piece)
+        while len(word) > 1:
+            pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            word = f" {'  '.join(word)} ".replace(" %s  %s " % pair, " %s%s " % pair).split()
+        return tuple(i for i in map(self.vocab.get, word, itertools.repeat(self.unk)) if i is not None)
+
+    def ids(self, s):
+        out = []
+        for k, part in enumerate(self.added_rx.split(s) if self.added_rx else [s]):  # odd k: an added token
+            if k % 2:
+                out.append(self.added[part])
+            elif part:
+                pieces = functools.reduce(lambda ps, step: step(ps), self.steps, [part])
+                out += itertools.chain.from_iterable(map(self._word, pieces))
+        return out
+
+    def decode(self, ids):
+        pieces = [self.tokens[int(i)] for i in ids if int(i) in self.tokens]
+        raw = (bytes(map(_TO_BYTES.get, p)) if all(c in _TO_BYTES for c in p) else p.encode() for p in pieces)
+        return b"".join(raw).decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -463,8 +672,44 @@ def checkpoint_files(folder):
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
         return {k: single for k in read_header(single)}
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                          f"weights are read, never pickles); convert the checkpoint to safetensors first")
+    bins = os.path.isdir(folder) and [f for f in os.listdir(folder) if re.fullmatch(r"pytorch_model.*\.bin", f)]
+    how = f"convert it once with `python llama.py --convert {folder} OUT` and use OUT" if bins else "convert it first"
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors weights "
+                          f"are read, never pickles{': found ' + ', '.join(sorted(bins)) if bins else ''}); {how}")
+
+
+def convert_bin(src, out):
+    """pytorch_model.bin (or shards + pytorch_model.bin.index.json) -> model.safetensors (or shards + index) in out,
+    with config.json and the tokenizer files. Read with torch's restricted unpickler: tensors only, no code runs."""
+    from safetensors.torch import save_file
+    import shutil
+    index = os.path.join(src, "pytorch_model.bin.index.json")
+    shards = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else None
+    shards = shards or ["pytorch_model.bin"]
+    os.makedirs(out, exist_ok=True)
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        try:
+            sd = torch.load(os.path.join(src, shard), map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise TypeError("not a {name: tensor} dict")
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(src, shard)}: not a readable PyTorch state dict ({e})") from None
+        name = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        seen = set()
+        for k, v in sd.items():  # safetensors holds no tensors sharing memory (tied weights): copy all but the first
+            sd[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v.contiguous()
+            seen.add(v.untyped_storage().data_ptr())
+        save_file(sd, os.path.join(out, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(sd, name))
+    if len(shards) > 1:
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    for f in os.listdir(src) if not os.path.samefile(src, out) else []:  # config.json, tokenizer files, ...
+        if f.endswith(".json") and not f.startswith("pytorch_model") or f == "tokenizer.model":
+            shutil.copyfile(os.path.join(src, f), os.path.join(out, f))
+    print(f"converted {len(weight_map)} tensors from {len(shards)} .bin file(s) in {src} to safetensors: "
+          f"{', '.join(sorted(os.listdir(out)))} in {out}")
 
 
 def load_llama(folder, dtype=torch.float32, device="cpu"):
@@ -556,11 +801,14 @@ def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--ckpt", help="HF LLaMA folder (config.json, model.safetensors, tokenizer.model)")
+    ap.add_argument("--ckpt", help="HF LLaMA folder (config.json, model.safetensors, tokenizer.model or .json)")
+    ap.add_argument("--convert", nargs=2, metavar=("DIR", "OUT"), help="pytorch_model*.bin in DIR -> safetensors OUT")
     ap.add_argument("--prompt", default="The movie Toy Story (1995) is about")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     a = ap.parse_args()
-    if not a.ckpt:
+    if a.convert:
+        convert_bin(*a.convert)
+    elif not a.ckpt:
         ap.error("--ckpt DIR is required to generate")
     else:
         tok, model = Tokenizer(a.ckpt), load_llama(a.ckpt)

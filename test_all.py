@@ -3,6 +3,7 @@ test_all.py: the specification. Differential tests against independent naive ref
 (explicit per-head loops, per-example materialised weights) and golden values from ../shared.
 Large init scale (std ~0.3) so that layout bugs show. Run: python -m pytest -q test_all.py
 """
+import functools
 import gzip
 import json
 import math
@@ -347,9 +348,22 @@ def test_save_load_roundtrip_and_rope_llama3(tmp_path):
     assert torch.allclose(inv3[wl > 8], inv[wl > 8] / 8) and torch.equal(inv3[wl < 2], inv[wl < 2])
 
 
-def test_smollm2_golden_logits_and_greedy():
+def _smollm2_with_tokenizer_json(tmp):
+    """The SmolLM2 weights next to the original Hugging Face tokenizer.json instead of tokenizer.model."""
+    folder, shared = smollm2()[0], os.path.join(SHARED, "models", "smollm2-135m")
+    os.makedirs(tmp, exist_ok=True)
+    for name, src in [("config.json", folder), ("model.safetensors", folder), ("tokenizer.json", shared),
+                      ("tokenizer_config.json", shared)]:
+        os.symlink(os.path.join(src, name), os.path.join(tmp, name))
+    return str(tmp)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.model", "tokenizer.json"])
+def test_smollm2_golden_logits_and_greedy(tmp_path, kind):
     folder, g = smollm2()
-    m = load_llama(folder)
+    folder = folder if kind == "tokenizer.model" else _smollm2_with_tokenizer_json(tmp_path)
+    m, tok = llama.load(folder)
+    assert os.path.basename(tok.path) == kind
     with torch.no_grad():
         batch = m(g["tokens"], g["attention_mask"], last_only=True)
         torch.testing.assert_close(batch, g["last_logits"], atol=1e-4, rtol=0)
@@ -365,7 +379,6 @@ def test_smollm2_golden_logits_and_greedy():
     with torch.no_grad():
         yes_no = load_llama(folder, torch.bfloat16)(g["tokens"], g["attention_mask"], last_only=True, token_ids=ids)
     assert yes_no.dtype == torch.float32 and (yes_no - g["last_logits"][:, ids]).abs().max() < 0.25
-    tok = Tokenizer(folder)
     assert tok.encode("The movie Toy Story (1995) is about") == g["greedy_prompt"].tolist()
     assert tok.encode(" Yes") == [9230] and tok.encode(" No") == [2838]
 
@@ -426,6 +439,180 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path, what):
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         Tokenizer(str(tmp_path))
+
+
+def test_missing_tokenizer_names_both_kinds(tmp_path):
+    with pytest.raises(CheckpointError, match="tokenizer.model .*tokenizer.json"):
+        Tokenizer(str(tmp_path))
+
+
+BPE_GOLDEN = ["smollm2-135m", "bpe-llama3-style"]
+
+
+def _shared_tokenizer(name):
+    folder = os.path.join(SHARED, "models", name)
+    if not os.path.isfile(os.path.join(folder, "tokenizer_golden.json")):
+        pytest.skip(f"../shared/models/{name} is absent")
+    return folder, json.load(open(os.path.join(folder, "tokenizer_golden.json")))
+
+
+@pytest.mark.parametrize("name", BPE_GOLDEN)
+def test_tokenizer_json_ids_and_decode_equal_hf_tokenizers(name):
+    folder, golden = _shared_tokenizer(name)
+    tok = Tokenizer(folder)
+    assert isinstance(tok, llama.BPETokenizer) and len(golden["texts"]) >= 100
+    for g in golden["texts"]:
+        assert tok.encode(g["text"], bos=False) == g["ids"], g["text"]
+        assert tok.decode(g["ids"]) == g["decode"], g["text"]
+
+
+@pytest.mark.parametrize("name", BPE_GOLDEN)
+def test_tokenizer_json_bos_template_and_config(tmp_path, name):
+    folder, golden = _shared_tokenizer(name)
+    tok, spec = Tokenizer(folder), json.load(open(os.path.join(folder, "tokenizer.json")))
+    text, ids = golden["texts"][0]["text"], golden["texts"][0]["ids"]
+    if name == "bpe-llama3-style":  # TemplateProcessing prepends <|begin_of_text|>; the config agrees
+        assert tok.add_bos and tok.bos_id == 0 and tok.encode(text) == [0] + ids and tok.encode(text, bos=False) == ids
+    else:  # SmolLM2: no BOS by its config (add_bos_token false); bos=True adds its bos_token <|im_start|>
+        assert not tok.add_bos and tok.encode(text) == ids and tok.encode(text, bos=True) == [1] + ids
+        assert (tok.bos_id, tok.eos_id, tok.n_words, tok.unk_id) == (1, 2, 49152, 0)
+    assert tok.encode(text, eos=True) == tok.encode(text) + [tok.eos_id]
+    for cfg, template, add_bos in [({}, True, True), ({}, False, False), ({"add_bos_token": False}, True, False)]:
+        d = tmp_path / f"{name}-{template}-{len(cfg)}"  # without a config the template decides, else the config
+        d.mkdir()
+        post = spec["post_processor"] if template and name == "bpe-llama3-style" else None
+        if template and name == "smollm2-135m":
+            post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {"<|im_start|>": {"ids": [1]}}}
+        json.dump({**spec, "post_processor": post}, open(d / "tokenizer.json", "w"))
+        json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+        t = Tokenizer(str(d))
+        assert t.add_bos == add_bos and t.encode(text) == [t.bos_id] * add_bos + ids
+        assert t.encode(text, bos=False) == ids
+
+
+def test_tokenizer_json_answer_ids_on_ml1m_prompts():
+    folder, _ = _shared_tokenizer("smollm2-135m")
+    if not os.path.isfile(os.path.join(ML1M, "train.tsv")):
+        pytest.skip(f"no ML-1M TSVs in {ML1M}")
+    ds = data.load_dataset("ml-1m", ML1M)
+    prompts = data.prompts(ds, "test")[::50]
+    toks = [Tokenizer(folder)] + ([Tokenizer(SMOL)] if os.path.isfile(os.path.join(SMOL, "tokenizer.model")) else [])
+    for tok in toks:
+        assert all(collm.answer_ids(tok, p) == [9230, 2838] for p in prompts), tok.path
+    a, b = toks[0].encode(prompts[0]), toks[-1].encode(prompts[0])
+    assert a == b and 100 < len(a) < 250
+
+
+def _tiny_tokenizer_json(folder, merges_as_lists=False, individual=True, ignore_merges=False, **top):
+    """A hand-made byte-level BPE tokenizer.json (Digits, then ByteLevel with GPT-2's regex) and its folder."""
+    vocab = {p: i for i, p in enumerate("a b c Ġ 1 2 3 ab abc Ġab 12 bc ca Ġbca".split())} | {"<s>": 14}
+    merges = [("a", "b"), ("Ġ", "ab"), ("ab", "c"), ("1", "2"), ("b", "c")]
+    spec = {"version": "1.0", "normalizer": None, "added_tokens": [
+        {"id": 14, "content": "<s>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": individual},
+                          {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {"<s>": {"ids": [14]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
+                  "vocab": vocab, "merges": [list(m) if merges_as_lists else " ".join(m) for m in merges]}}
+    for key, value in top.items():  # "model.byte_fallback" -> spec["model"]["byte_fallback"]
+        *path, last = key.split(".")
+        functools.reduce(dict.get, path, spec)[last] = value
+    os.makedirs(folder, exist_ok=True)
+    json.dump(spec, open(os.path.join(folder, "tokenizer.json"), "w"))
+    return str(folder)
+
+
+def test_tokenizer_json_hand_made_merges_digits_ignore_merges(tmp_path):
+    text = "ab abc 123 bca"  # pieces: ab | Ġabc | Ġ | 1 | 2 | 3 | Ġbca
+    expected = [7, 9, 2, 3, 4, 5, 6, 3, 11, 0]  # Ġabc: a+b, then Ġ+ab (rank 1) before ab+c (rank 2)
+    for i, (kw, ids) in enumerate([({}, expected), ({"merges_as_lists": True}, expected),
+                                   ({"ignore_merges": True}, expected[:7] + [13]),  # Ġbca is in the vocabulary
+                                   ({"individual": False}, expected[:4] + [10, 6] + expected[7:])]):  # 12 | 3
+        tok = Tokenizer(_tiny_tokenizer_json(tmp_path / str(i), **kw))
+        assert tok.encode(text, bos=False) == ids, kw
+        assert tok.decode(ids) == text and tok.encode(text) == [14] + ids and tok.add_bos
+    assert tok.encode("<s>ab<s>", bos=False) == [14, 7, 14] and tok.decode([14, 7]) == "<s>ab"
+    tok = Tokenizer(os.path.join(_tiny_tokenizer_json(tmp_path / "x"), "tokenizer.json"))
+    assert tok.encode("xab", bos=False) == [7]  # no x in the vocabulary and no unk_token: dropped, as HF does
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("normalizer", {"type": "NFC"}, "normalizer"),
+    ("model.type", "Unigram", "model.type"),
+    ("model.byte_fallback", True, "model.byte_fallback"),
+    ("model.continuing_subword_prefix", "##", "model.continuing_subword_prefix"),
+    ("decoder", {"type": "Metaspace"}, "decoder.type"),
+    ("pre_tokenizer", {"type": "Whitespace"}, "pre_tokenizer"),
+    ("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\w+"},
+                       "behavior": "Isolated", "invert": False}, {"type": "ByteLevel"}]}, "pre_tokenizer[0].pattern"),
+    ("pre_tokenizer", {"type": "Split", "pattern": {"Regex": " "}, "behavior": "MergedWithPrevious"}, "pre_tokenizer"),
+    ("pre_tokenizer", {"type": "Digits", "individual_digits": True}, "pre_tokenizer"),  # no ByteLevel step
+    ("post_processor", {"type": "RobertaProcessing"}, "post_processor"),
+    ("added_tokens", [{"id": 14, "content": "<s>", "lstrip": True}], "added_tokens[14].lstrip"),
+])
+def test_tokenizer_json_unsupported_field_refused_by_name(tmp_path, field, value, named):
+    folder = _tiny_tokenizer_json(tmp_path, **{field: value})
+    with pytest.raises(CheckpointError, match=re.escape(named)) as e:
+        Tokenizer(folder)
+    assert os.path.join(folder, "tokenizer.json") in str(e.value) and "not implemented" in str(e.value)
+
+
+def test_unicode_classes_are_exact_and_fast():
+    llama._category_runs.cache_clear()
+    llama.unicode_class.cache_clear()
+    t = time.perf_counter()
+    L, N = re.compile(f"[{llama.unicode_class('L')}]"), re.compile(f"[{llama.unicode_class('N')}]")
+    assert time.perf_counter() - t < 2.0
+    import unicodedata
+    for cp in list(range(0x3000)) + list(range(0x10000, 0x10000 + 0x3000, 7)) + [0x1F600, 0x20000, 0x10FFFF]:
+        c = chr(cp)
+        assert bool(L.match(c)) == unicodedata.category(c).startswith("L"), hex(cp)
+        assert bool(N.match(c)) == unicodedata.category(c).startswith("N"), hex(cp)
+    rx = llama.onig_to_re(r"\s+(?!\S)|[^\s\p{L}]+")  # Oniguruma's \s is White_Space: U+001C..U+001F are not
+    assert rx.findall("a \x1c\u3000b") == ["\x1c"]  # Python's own \s would give [" \x1c"]
+
+
+def _bin_folder(folder, model, shards):
+    """A published-style folder: config.json + pytorch_model.bin (or shards + index) of the HF-named state dict."""
+    os.makedirs(folder)
+    json.dump(model.args.to_config(), open(os.path.join(folder, "config.json"), "w"))
+    sd = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()}  # tied: shared
+    if shards == 1:
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return str(folder)
+    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    for i, name in enumerate(names):
+        torch.save({k: v for j, (k, v) in enumerate(sorted(sd.items())) if j % shards == i}, os.path.join(folder, name))
+    wm = {k: names[j % shards] for j, k in enumerate(sorted(sd))}
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(folder, "pytorch_model.bin.index.json"), "w"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_bin_checkpoint_refused_with_command_then_converted_exactly(tmp_path, shards, capsys):
+    m = random_llama(tiny_args(tie_word_embeddings=shards == 1), dtype=torch.float32)
+    src, out = _bin_folder(tmp_path / "bin", m, shards), str(tmp_path / "st")
+    open(os.path.join(src, "tokenizer_config.json"), "w").write("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"python llama.py --convert {src} OUT")):
+        load_llama(src)
+    if shards == 1:
+        llama.convert_bin(src, out)
+        assert "converted" in capsys.readouterr().out
+    else:  # the command line the error names
+        r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--convert", src, out], capture_output=True,
+                           text=True, check=True)
+        assert f"in {out}" in r.stdout and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+    assert not any(f.endswith(".bin") for f in os.listdir(out))
+    m2 = load_llama(out)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    assert torch.equal(m(tokens), m2(tokens))
+    assert (m2.lm_head.weight is m2.embed_tokens.weight) == (shards == 1)
 
 
 # ----------------------------------------------------------------------------- data.py / cf.py
