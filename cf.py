@@ -331,7 +331,12 @@ def train_cf(kind, ds, dim, lr, wd, batch_size, epochs, patience, seed, n_layers
 # ------------------------------------------------------------------------------------------------------- checkpoints
 
 def save_cf(path, model, meta=None):
-    """Write a CF model to safetensors atomically. LightGCN also stores its propagated tables (no graph needed)."""
+    """Write a CF model to safetensors atomically (cf_bytes)."""
+    atomic_write(path, cf_bytes(model, meta))
+
+
+def cf_bytes(model, meta=None):
+    """A CF model as safetensors bytes. LightGCN also stores its propagated tables (no graph needed)."""
     tensors = ({f"sasrec.{k}": v for k, v in model.state_dict().items()} if isinstance(model, SASRec)
                else {"user": model.user.weight, "item": model.item.weight})
     if isinstance(model, LightGCN):
@@ -341,7 +346,7 @@ def save_cf(path, model, meta=None):
     header.update(kind=model.kind, n_users=str(model.n_users), n_items=str(model.n_items), dim=str(model.dim),
                   n_layers=str(model.n_layers), dataset=str((meta or {}).get("dataset", "")),
                   n_heads=str(getattr(model, "n_heads", 0)), maxlen=str(model.maxlen))
-    atomic_write(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header))
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
 
 
 def load_cf(path, kind=None):

@@ -30,7 +30,8 @@ Deliberate deviations from the pandas notebooks:
   ratings.dat (pandas < 2.2 merge order), Amazon rows in de-duplicated metadata order (the right merge); pandas'
   multi-key sorts are stable. December is sorted stably (the notebook: unstable quicksort).
 - Amazon items with an empty title are dropped (the notebook keeps them as "", useless in a prompt).
-- Malformed input (field count, JSON, integer, label, unknown id) raises ValueError naming file:line.
+- Malformed input (field count, JSON, integer, label, unknown id, an id far above the row count, a repeated
+  (user, item, timestamp) row of a split, which would be scored twice) raises ValueError naming file:line.
 """
 import gzip
 import json
@@ -220,6 +221,24 @@ def _check(path, lines, bad, message):
         _fail(path, lines[k], message(k))
 
 
+def _repeats(keys):
+    """(N,) bool: the row's key (keys (N,) or (N, k)) is an earlier row's; and (N,) the index of its first row."""
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    first = first[inverse.ravel()]
+    return first != np.arange(len(keys)), first
+
+
+def _max_id(n_rows):
+    """The largest id a file of n_rows rows may hold. Ids number users and items from 1 densely, so a far larger
+    one is a damaged file, and it would size an embedding table (n_users / n_items = largest id + 1)."""
+    return max(10 ** 6, 10 * n_rows)
+
+
+def _too_large(what, value, n_rows):
+    return (f"{what} {value} is implausibly large for a file of {n_rows} rows (at most {_max_id(n_rows)}): ids number "
+            f"users and items from 1 densely, and the largest one sizes an embedding table")
+
+
 def _read_tsv(path, required):
     """A TSV with a header row -> ({column: [strings]}, (N,) line numbers)."""
     rows = _lines(path, "utf-8")
@@ -334,9 +353,9 @@ def load_tsv(root, name="ml-1m", kind="movie", n_history=10):
     cols, lines = _read_tsv(path, ("iid", "title"))
     item_ids = _ints(path, lines, cols["iid"], "iid")
     _check(path, lines, item_ids < 1, lambda k: f"iid must be >= 1 (0 is padding), got {item_ids[k]}")
-    repeated = np.ones(len(item_ids), bool)
-    repeated[np.unique(item_ids, return_index=True)[1]] = False
-    _check(path, lines, repeated, lambda k: f"duplicate iid {item_ids[k]}")
+    _check(path, lines, item_ids > _max_id(len(item_ids)), lambda k: _too_large("iid", item_ids[k], len(item_ids)))
+    repeated, first = _repeats(item_ids)
+    _check(path, lines, repeated, lambda k: f"duplicate iid {item_ids[k]} (first at line {lines[first[k]]})")
     untitled = np.array([not t.strip() for t in cols["title"]], bool)
     _check(path, lines, untitled, lambda k: f"iid {item_ids[k]} has an empty title (prompts need one)")
     n_items = int(item_ids.max()) + 1
@@ -364,6 +383,10 @@ def _read_split(path, known):
     his_lines = np.repeat(lines, lengths)
     his = _ints(path, his_lines, [i for p in parts for i in p], "his")
     _check(path, lines, uid < 1, lambda k: f"uid must be >= 1 (0 is padding), got {uid[k]}")
+    _check(path, lines, uid > _max_id(len(uid)), lambda k: _too_large("uid", uid[k], len(uid)))
+    repeated, first = _repeats(np.stack([uid, iid, ts], 1))
+    _check(path, lines, repeated, lambda k: f"duplicate row: user {uid[k]}, item {iid[k]} at timestamp {ts[k]} is "
+           f"line {lines[first[k]]} again (it would be scored twice)")
     for ids, at, what in ((iid, lines, "iid"), (his, his_lines, "history iid")):
         _check(path, at, ~known[np.clip(ids, 0, len(known) - 1)] | (ids >= len(known)),
                lambda k: f"{what} {ids[k]} is not in items.tsv")
@@ -390,17 +413,31 @@ def save_tsv(ds, root):
 
 def atomic_write(path, data):
     """Write str/bytes to path atomically: a temporary file in the same folder, flush + fsync, os.replace."""
-    data = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = f"{path}.{os.getpid()}.tmp"
+    atomic_write_all({path: data})
+
+
+def atomic_write_all(files):
+    """Write {path: str/bytes}, each file whole: every temporary file written and fsynced first, then all renamed in
+    the order given, back to back (so the last one can mark the others complete), then the folders fsynced."""
+    tmps = {path: f"{path}.{os.getpid()}.tmp" for path in files}
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            with open(tmps[path], "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in files}:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------------------------------- toy

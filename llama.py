@@ -77,6 +77,17 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded as it is; the message names the file and the fix."""
 
 
+def parse_json(f, key=None):
+    """json.load of the open file f (its object field key, when given); a CheckpointError naming the file if not."""
+    try:
+        c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f.name}: not valid JSON ({e})") from None
+    if not isinstance(c, dict) or key is not None and not isinstance(c.get(key), dict):
+        raise CheckpointError(f"{f.name}: expected a JSON object" + (f" with an object {key!r}" if key else ""))
+    return c if key is None else c[key]
+
+
 # ----------------------------------------------------------------------------- config
 
 @dataclass
@@ -104,33 +115,60 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, path):
-        """Build from a HF config.json (a folder or the file itself)."""
+        """Build from a HF config.json (a folder or the file itself). Refuses, naming the field: another architecture
+        (model_type llama and mistral only), a feature this model lacks, a value of the wrong type or sign."""
         path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no config.json; point --llm at a Hugging Face LLaMA folder "
                                   f"(config.json + model.safetensors + tokenizer.model or tokenizer.json)")
-        try:
-            with open(path) as f:
-                c = json.load(f)
-            scaling = c.get("rope_scaling") or c.get("rope_parameters")
-            theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-            if kind not in ("default", "llama3"):
-                raise CheckpointError(f"{path}: rope_scaling type {kind!r} is not implemented (supported: none, "
-                                      f"'default', 'llama3'); use a checkpoint without it or add it to rope_freqs()")
-            eos = c.get("eos_token_id", 2)
-            return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                       n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
-                       hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
-                       norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
-                       rope_scaling=scaling if kind == "llama3" else None,
-                       max_seq_len=c.get("max_position_embeddings", 2048),
-                       tie_word_embeddings=c.get("tie_word_embeddings", False), bos_id=c.get("bos_token_id"),
-                       eos_id=eos[0] if isinstance(eos, list) else eos)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: missing required field {e.args[0]!r}") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        with open(path, encoding="utf-8") as f:
+            c = parse_json(f)
+        if c.get("model_type", "llama") not in ("llama", "mistral"):
+            raise CheckpointError(f"{path}: model_type {c['model_type']!r} is not a LLaMA; supported: llama, mistral")
+        lacks = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,)}
+        bad = [f"{k}={c[k]!r}" for k, ok in lacks.items() if k in c and c[k] not in ok]
+        if bad:
+            raise CheckpointError(f"{path}: {', '.join(bad)} is not implemented here (LLaMA: SiLU, no biases)")
+
+        def get(key, default=KeyError, kind=int, low=1):
+            """c[key], or default when absent (None only as default): an int >= low, a number > low, a bool, a dict."""
+            v = c.get(key, default)
+            if v is KeyError:
+                raise CheckpointError(f"{path}: missing required field {key!r}")
+            ok = {int: type(v) is int and v >= low, float: type(v) in (int, float) and v > low, bool: type(v) is bool,
+                  dict: type(v) is dict}[kind]
+            if ok or v is None and default is None:
+                return v
+            want = {int: f"an integer >= {low}", float: f"a number > {low}", bool: "true or false", dict: "an object"}
+            raise CheckpointError(f"{path}: {key} is {v!r}, expected {want[kind]}")
+        scaling = get("rope_scaling", None, dict) or get("rope_parameters", None, dict)
+        theta = get("rope_theta", (scaling or {}).get("rope_theta", 10000.0), float, 0)
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise CheckpointError(f"{path}: rope_scaling type {kind!r} is not implemented (supported: none, "
+                                  f"'default', 'llama3'); use a checkpoint without it or add it to rope_freqs()")
+        need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if kind == "llama3" and not (all(type(scaling.get(k)) in (int, float) and scaling[k] > 0 for k in need)
+                                     and scaling["high_freq_factor"] > scaling["low_freq_factor"]):
+            raise CheckpointError(f"{path}: llama3 rope_scaling needs positive {', '.join(need)} and high_freq_factor "
+                                  f"> low_freq_factor; got {scaling}")
+        if isinstance(c.get("eos_token_id"), list):  # several end tokens: the first one ends generation
+            c["eos_token_id"] = (c["eos_token_id"] or [None])[0]
+        max_len, window = get("max_position_embeddings", 2048), get("sliding_window", None)
+        args = dict(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+                    n_kv_heads=get("num_key_value_heads", None), head_dim=get("head_dim", None),
+                    hidden_dim=get("intermediate_size"), vocab_size=get("vocab_size"),
+                    norm_eps=get("rms_norm_eps", 1e-5, float, 0), rope_theta=float(theta),
+                    rope_scaling=scaling if kind == "llama3" else None,
+                    max_seq_len=min(max_len, window or max_len),  # a prompt within a sliding window sees all of itself
+                    tie_word_embeddings=get("tie_word_embeddings", False, bool),
+                    bos_id=get("bos_token_id", None, low=0),
+                    eos_id=get("eos_token_id", None, low=0) if "eos_token_id" in c else 2)
+        head_dim = args["head_dim"] or args["dim"] // args["n_heads"]
+        if head_dim % 2 or not args["head_dim"] and args["dim"] % args["n_heads"]:
+            raise CheckpointError(f"{path}: hidden_size {args['dim']} / num_attention_heads {args['n_heads']} gives no "
+                                  f"even head_dim (RoPE rotates pairs); give head_dim")
+        return cls(**args)
 
     def to_config(self):
         """The HF config.json fields this class reads, so a saved folder loads in either world."""
@@ -420,7 +458,10 @@ class Tokenizer:
 
 def tokenizer_config(folder):
     path = os.path.join(folder, "tokenizer_config.json")
-    return json.load(open(path)) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return parse_json(f)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -634,7 +675,9 @@ class BPETokenizer(Tokenizer):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+              "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what LLM weights may be stored as
 
 
 def read_header(path):
@@ -649,17 +692,22 @@ def read_header(path):
             raise CheckpointError(f"{path}: truncated or not a safetensors file (header length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+            header.pop("__metadata__", None)
+            entries = {}
+            for name, t in header.items():
+                (begin, end), shape = t["data_offsets"], [int(d) for d in t["shape"]]
+                entries[name] = (t["dtype"], shape, int(begin), int(end))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({type(e).__name__}: {e})") from None
     out = {}
-    for name, t in header.items():
-        begin, end = t["data_offsets"]
-        nbytes = math.prod(t["shape"]) * _ST_DTYPES.get(t["dtype"], 0)
-        if t["dtype"] not in _ST_DTYPES or end - begin != nbytes or end > size - 8 - n:
-            raise CheckpointError(f"{path}: tensor {name!r} ({t['dtype']}, {t['shape']}) claims bytes {begin}..{end} "
+    for name, (dtype, shape, begin, end) in entries.items():
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, which this reader does not know "
+                                  f"(known: {', '.join(_ST_DTYPES)})")
+        if end - begin != math.prod(shape) * _ST_DTYPES[dtype] or not 0 <= begin <= end <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name!r} ({dtype}, {shape}) claims bytes {begin}..{end} "
                                   f"but the file holds {size - 8 - n} data bytes: the file is truncated or corrupted")
-        out[name] = (t["dtype"], tuple(t["shape"]))
+        out[name] = (dtype, tuple(shape))
     return out
 
 
@@ -668,7 +716,7 @@ def checkpoint_files(folder):
     index, single = os.path.join(folder, "model.safetensors.index.json"), os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+            weight_map = parse_json(f, "weight_map")
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
         return {k: single for k in read_header(single)}
@@ -733,6 +781,13 @@ def load_llama(folder, dtype=torch.float32, device="cpu"):
                  if k in found and found[k] != s]
     if problems:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+    odd = [(k, headers[f][k][0], f) for k, f in files.items() if k.removeprefix("model.") in expected
+           and headers[f][k][0] not in FLOAT_DTYPES]
+    if odd:
+        k, t, f = odd[0]
+        raise CheckpointError(f"{f}: tensor {k} is {t} ({len(odd)} of {len(expected)} weights are not float): " + (
+            "float8 weights are not supported; dequantize the checkpoint to bf16/fp16 first" if t.startswith("F8")
+            else "integer weights (a quantized checkpoint?) are not supported; use float weights"))
     from safetensors import safe_open
     sd = {}
     for f in headers:
@@ -741,6 +796,9 @@ def load_llama(folder, dtype=torch.float32, device="cpu"):
                 name = k.removeprefix("model.")
                 if name in expected:
                     sd[name] = st.get_tensor(k).to(device=device, dtype=dtype)
+                    if not torch.isfinite(sd[name]).all():
+                        raise CheckpointError(f"{f}: tensor {k} holds NaN or inf values (as {dtype}): a damaged "
+                                              f"checkpoint, or weights beyond the range of {dtype}")
     model.load_state_dict(sd, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

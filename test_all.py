@@ -9,9 +9,11 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -1283,20 +1285,33 @@ def _set_line(n, f):
 
 
 def _broken_llm(tmp, llm, what):
+    """A copy of the toy LLM with one thing wrong in its config, weights or tokenizer files."""
     folder = str(tmp / "llm")
     if not os.path.isdir(folder):
         import shutil
         shutil.copytree(llm, folder)
     st, cfg = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     c = json.load(open(cfg))
+    config = {"config sizes": {"hidden_size": c["hidden_size"] * 2}, "config type": {"hidden_size": "64"},
+              "tokenizer vocab": {"vocab_size": c["vocab_size"] // 2}, "config sign": {"num_hidden_layers": -2},
+              "gemma": {"model_type": "gemma"}, "short positions": {"max_position_embeddings": 16},
+              "mistral window": {"model_type": "mistral", "sliding_window": 16}}
+    weights = {"integer": lambda t: t.to(torch.int8), "float8": lambda t: t.to(torch.float8_e4m3fn),
+               "nan": lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "other": lambda t: t + 1}
     if what in ("truncated", "header lies"):
         _damage(st, what)
-    elif what == "config sizes":
-        json.dump({**c, "hidden_size": c["hidden_size"] * 2}, open(cfg, "w"))
-    elif what == "tokenizer vocab":
-        json.dump({**c, "vocab_size": c["vocab_size"] // 2}, open(cfg, "w"))
+    elif what in config:
+        json.dump({**c, **config[what]}, open(cfg, "w"))
+    elif what in weights:
+        sd = load_file(st)
+        sd["model.norm.weight"] = weights[what](sd["model.norm.weight"])
+        save_file(sd, st)
     elif what == "tokenizer garbage":
         open(os.path.join(folder, "tokenizer.model"), "wb").write(b"\x00 not a sentencepiece model")
+    elif what == "tokenizer_config.json":
+        open(os.path.join(folder, what), "w").write('{"add_bos_token": tru')
+    elif what == "shard index":
+        open(os.path.join(folder, "model.safetensors.index.json"), "w").write('{"weight_map": [')
     return ["--llm", folder]
 
 
@@ -1312,22 +1327,105 @@ def _state(tmp, what):
     return ["--resume"]
 
 
-def _cf_ckpt(tmp, what):
+def _seal(folder, weights, **result):
+    """Make folder a finished run around the weights file it holds (train.commit_run), as a test fixture."""
+    import train
+    blob = open(os.path.join(folder, weights), "rb").read()
+    train.commit_run(str(folder), {weights: blob}, "uid\tiid\tlabel\tscore\n", {"args": {}, **result})
+
+
+def _cf_ckpt(tmp, what, llm=None):
+    """runs/toy/mf holding a CF checkpoint that is damaged, foreign, unsealed or mixed; or a CoLLM step 1 that is."""
     import train
     path = str(tmp / "toy" / "mf" / "cf.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    toy = data.make_toy()
     if what == "garbage":
         open(path, "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
-    elif what == "other data":
-        cf.save_cf(path, cf.MF(5, 5, 4), {"dataset": "ml-1m"})
-    elif what == "stage1 truncated":  # CoLLM's step 1: a TALLRec LoRA cut short
-        train.run_cf("toy", "mf", str(tmp), log=lambda *a: None)
-        lora = tmp / "toy" / "tallrec" / "trainable.safetensors"
-        os.makedirs(lora.parent, exist_ok=True)
-        save_file({"lora.A.0": torch.zeros(8, 64)}, str(lora))
+    else:
+        shape = (toy.n_users, toy.n_items) if what.startswith(("stage1", "mixed")) else (5, 5)
+        cf.save_cf(path, cf.MF(*shape, 4), {"dataset": "ml-1m" if what == "other data" else "toy"})
+    if what != "unsealed":
+        _seal(os.path.dirname(path), "cf.safetensors")
+    if what == "mixed":  # another run's weights over a finished run's
+        cf.save_cf(path, cf.MF(toy.n_users, toy.n_items, 8), {"dataset": "toy"})
+    if not what.startswith("stage1"):
+        return ["--method", "cora"]
+    lora = tmp / "toy" / "tallrec" / "trainable.safetensors"  # CoLLM's step 1, a TALLRec LoRA
+    os.makedirs(lora.parent, exist_ok=True)
+    save_file({"lora.A.0": torch.zeros(8, 64)}, str(lora))
+    args = dict(r=4 if what == "stage1 settings" else 8, alpha=16.0, lora_targets="q,v")
+    _seal(lora.parent, "trainable.safetensors", args=args, llm_fingerprint=train.llm_fingerprint(llm) * (
+        what != "stage1 other LLM"))
+    if what == "stage1 truncated":
         lora.write_bytes(lora.read_bytes()[:-9])
-        return ["--method", "collm"]
-    return ["--method", "cora"]
+    return ["--method", "collm"]
+
+
+@functools.lru_cache
+def _finished(llm):
+    """One finished 2-step TALLRec run on the toy LLM, made once beside it; cases damage copies of it."""
+    import train
+    out = os.path.join(os.path.dirname(llm), "finished")
+    train.main(train.cli().parse_args(["--method", "tallrec", "--out", out, "--llm", llm, "--max-steps", "2",
+                                       "--threads", "1", "--train-limit", "64", "--valid-limit", "50",
+                                       "--test-limit", "50"]))
+    return os.path.join(out, "toy", "tallrec")
+
+
+def _adapter(tmp, llm, what):
+    """--eval-general on a copy of the finished run: damaged, unfinished or resealed around other weights; or on the
+    run as it is with another --llm."""
+    import shutil
+    run, text = tmp / "run", tmp / "text.txt"
+    shutil.copytree(_finished(llm), run)
+    text.write_text(" ".join(data.prompts(data.make_toy(), "valid")[:30]))
+    argv = ["--eval-general", "--general-text", str(text), "--adapter", str(run)]
+    if what == "truncated":
+        (run / "trainable.safetensors").write_bytes((run / "trainable.safetensors").read_bytes()[:-9])
+    elif what == "unfinished":
+        os.rename(run / "results.json", run / "state.safetensors")
+    elif what == "other shapes":
+        save_file({"lora.x": torch.zeros(3)}, str(run / "trainable.safetensors"))
+        _seal(run, "trainable.safetensors", **{k: v for k, v in json.load(open(run / "results.json")).items()
+                                               if k != "files"})
+    elif what == "other LLM":
+        argv += _broken_llm(tmp, llm, "other")
+    return argv
+
+
+_HELD = []  # lock files a case holds open while train.main runs
+
+
+def _held_lock(tmp):
+    """A second writer: this process holds runs/toy/tallrec/.lock as a running train.py would."""
+    import fcntl
+    os.makedirs(tmp / "toy" / "tallrec")
+    _HELD.append(open(tmp / "toy" / "tallrec" / ".lock", "a+"))
+    fcntl.flock(_HELD[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return []
+
+
+def _env(**variables):
+    os.environ.update(variables)  # the test restores os.environ
+    return []
+
+
+def _file(path, text=""):
+    path.write_text(text)
+    return path
+
+
+def _llm(what):
+    return lambda t, l: _broken_llm(t, l, what)
+
+
+def _cf(what):
+    return lambda t, l: _cf_ckpt(t, what, l)
+
+
+def _ad(what):
+    return lambda t, l: _adapter(t, l, what)
 
 
 # (id, setup(tmp, toy_llm) -> extra argv, error class, text the message must contain). SystemExit = argparse.
@@ -1336,46 +1434,101 @@ BAD_INPUTS = [
     ("unknown weight type", lambda t, l: ["--weight-types", "qq"], SystemExit, "--weight-types"),
     ("unknown dataset", lambda t, l: ["--data", "netflix"], SystemExit, "--data"),
     ("non-numeric lr", lambda t, l: ["--lr", "fast"], SystemExit, "--lr"),
+    ("unknown LoRA target", lambda t, l: ["--lora-targets", "q,x"], SystemExit, "--lora-targets"),
     ("missing --llm folder", lambda t, l: ["--llm", str(t / "nowhere")], FileNotFoundError, "--llm"),
     ("batch larger than data", lambda t, l: ["--batch-size", "100000"], ValueError, "--batch-size 100000"),
+    ("--out is a file", lambda t, l: ["--out", str(_file(t / "out"))], ValueError, "--out"),
+    ("--out below a file", lambda t, l: ["--out", str(_file(t / "out") / "runs")], ValueError, "--out"),
     ("no data folder", lambda t, l: ["--data", "ml-1m", "--data-root", str(t / "nowhere")], FileNotFoundError, "nowhere"),
     ("malformed TSV line", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(5, lambda f: "1\t2\t1")),
      ValueError, "train.tsv:5"),
     ("unknown item id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(7, lambda f: "\t".join(f[:1] + ["9999"] + f[2:]))),
      ValueError, "train.tsv:7"),
+    ("absurd user id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv",
+                                              _set_line(6, lambda f: "\t".join(["9" * 16] + f[1:]))),
+     ValueError, "train.tsv:6: uid 9999999999999999 is implausibly large"),
+    ("duplicate row in a split", lambda t, l: _edit_tsv(t / "tsv", "test.tsv", lambda lines: lines + lines[3:4]),
+     ValueError, "is line 4 again"),
     ("missing title", lambda t, l: _edit_tsv(t / "tsv", "items.tsv", _set_line(3, lambda f: f[0] + "\t ")),
      ValueError, "items.tsv:3"),
     ("empty split", lambda t, l: _edit_tsv(t / "tsv", "test.tsv", lambda lines: lines[:1]), ValueError, "test.tsv"),
     ("one-class valid split", lambda t, l: _edit_tsv(t / "tsv", "valid.tsv", lambda lines: _only_label(lines, "1")),
      ValueError, "valid split"),
-    ("truncated weights", lambda t, l: _broken_llm(t, l, "truncated"), CheckpointError, "model.safetensors"),
-    ("header claims more bytes", lambda t, l: _broken_llm(t, l, "header lies"), CheckpointError, "model.safetensors"),
-    ("config disagrees with tensors", lambda t, l: _broken_llm(t, l, "config sizes"), CheckpointError, "config.json"),
-    ("tokenizer larger than embedding", lambda t, l: _broken_llm(t, l, "tokenizer vocab"), CheckpointError, "tokenizer.model"),
-    ("corrupt tokenizer", lambda t, l: _broken_llm(t, l, "tokenizer garbage"), CheckpointError, "tokenizer.model"),
-    ("corrupt CF checkpoint", lambda t, l: _cf_ckpt(t, "garbage"), ValueError, "mf/cf.safetensors"),
-    ("CF checkpoint of another dataset", lambda t, l: _cf_ckpt(t, "other data"), ValueError, "'ml-1m'"),
-    ("truncated CoLLM step-1 LoRA", lambda t, l: _cf_ckpt(t, "stage1 truncated"), CheckpointError, "tallrec/trainable.safetensors"),
+    ("truncated weights", _llm("truncated"), CheckpointError, "model.safetensors"),
+    ("header claims more bytes", _llm("header lies"), CheckpointError, "model.safetensors"),
+    ("config disagrees with tensors", _llm("config sizes"), CheckpointError, "config.json"),
+    ("config value of the wrong type", _llm("config type"), CheckpointError,
+     "config.json: hidden_size is '64', expected an integer"),
+    ("config value of the wrong sign", _llm("config sign"), CheckpointError, "config.json: num_hidden_layers is -2"),
+    ("config of another architecture", _llm("gemma"), CheckpointError,
+     "model_type 'gemma' is not a LLaMA; supported: llama, mistral"),
+    ("integer weights", _llm("integer"), CheckpointError, "model.norm.weight is I8 (1 of"),
+    ("float8 weights", _llm("float8"), CheckpointError, "is F8_E4M3 (1 of 20 weights are not float): float8"),
+    ("NaN weights", _llm("nan"), CheckpointError, "model.norm.weight holds NaN"),
+    ("prompts longer than the LLM's positions", _llm("short positions"), ValueError, "the longest train prompt has"),
+    ("prompts longer than a mistral sliding window", _llm("mistral window"), ValueError, "more than the 16 positions"),
+    ("tokenizer larger than embedding", _llm("tokenizer vocab"), CheckpointError, "tokenizer.model"),
+    ("corrupt tokenizer", _llm("tokenizer garbage"), CheckpointError, "tokenizer.model"),
+    ("corrupt tokenizer_config.json", _llm("tokenizer_config.json"), CheckpointError,
+     "tokenizer_config.json: not valid JSON"),
+    ("corrupt shard index", _llm("shard index"), CheckpointError, "model.safetensors.index.json: not valid JSON"),
+    ("corrupt CF checkpoint", _cf("garbage"), ValueError, "mf/cf.safetensors"),
+    ("CF checkpoint of another dataset", _cf("other data"), ValueError, "'ml-1m'"),
+    ("CF checkpoint of other ids", _cf("other ids"), ValueError, "has tables of 5 users"),
+    ("CF checkpoint without its results", _cf("unsealed"), ValueError, "mf holds no finished run"),
+    ("CF folder mixing two runs", _cf("mixed"), ValueError, "mf/cf.safetensors is not the file"),
+    ("truncated CoLLM step-1 LoRA", _cf("stage1 truncated"), ValueError,
+     "tallrec/trainable.safetensors is not the file"),
+    ("CoLLM step 1 on another LLM", _cf("stage1 other LLM"), ValueError, "on another LLM"),
+    ("CoLLM step 1 with another rank", _cf("stage1 settings"), ValueError, "'r': (4, 8)"),
+    ("CoLLM step 1 of other tensors", _cf("stage1 shapes"), ValueError, "does not fit"),
+    ("--adapter truncated", _ad("truncated"), ValueError, "trainable.safetensors is not the"),
+    ("--adapter unfinished", _ad("unfinished"), ValueError, "run holds no finished run"),
+    ("--adapter of other tensors", _ad("other shapes"), ValueError, "does not fit tallrec"),
+    ("--adapter trained on another LLM", _ad("other LLM"), ValueError, "not on --llm"),
+    ("empty --general-text", lambda t, l: ["--eval-general", "--general-text", str(_file(t / "empty.txt"))],
+     ValueError, "empty.txt: 0 tokens, too short"),
     ("--resume without a checkpoint", lambda t, l: ["--resume"], FileNotFoundError, "state.safetensors"),
     ("--resume a truncated checkpoint", lambda t, l: _state(t, "truncated"), CheckpointError, "state.safetensors"),
     ("--resume another run's checkpoint", lambda t, l: _state(t, "other run"), ValueError, "'lr': (0.5, 0.001)"),
+    ("a second run into a locked folder", lambda t, l: _held_lock(t), ValueError,
+     "toy/tallrec is in use by another run"),
+    ("torchrun variables without torchrun", lambda t, l: _env(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1"),
+     ValueError, "WORLD_SIZE=2 RANK=0 MASTER_ADDR=127.0.0.1 in the environment, but no torchrun"),
 ]
+OUT_OF_RANGE = [("--batch-size", "-1"), ("--epochs", "0"), ("--patience", "0"), ("--eval-every", "0"), ("--r", "0"),
+                ("--alpha", "0"), ("--threads", "0"), ("--train-limit", "-1"), ("--seed", "-1"), ("--seeds", "0"),
+                ("--n-queries", "0"), ("--n-blocks", "0"), ("--ffn-dim", "0"), ("--accum", "0"), ("--pairs", "0"),
+                ("--max-steps", "-1"), ("--max-minutes", "-1"), ("--ckpt-every", "-1"), ("--lr", "0"), ("--wd", "-1"),
+                ("--warmup", "-1"), ("--clip", "-1"), ("--lr", "nan"), ("--lora-dropout", "1"), ("--dim", "0"),
+                ("--eval-batch-size", "0"), ("--init-std", "0"), ("--min-lr", "-1"), ("--warmup-lr", "inf")]
+BAD_INPUTS += [(f"{flag} {value}", lambda t, l, a=(flag, value): list(a), SystemExit, f"argument {flag}: '{value}' is "
+                f"out of range") for flag, value in OUT_OF_RANGE]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_one_clear_error_nothing_left_behind(tmp_path, toy_llm, capsys, case):
+    """One clear error before any work: its class, a one-line message naming the argument or file, exit code 2
+    from argparse; and every file already there (finished runs included) untouched, no new results, weights,
+    predictions or temporary file."""
     import train
     _, setup, error, text = case
     argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "2", "--threads", "1"]
-    argv += setup(tmp_path, toy_llm)
-    before = {p for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(error) as e:
-        train.main(train.cli().parse_args(argv))
+    with mock.patch.dict(os.environ):
+        try:
+            argv += setup(tmp_path, toy_llm)
+            before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+            with pytest.raises(error) as e:
+                train.main(train.cli().parse_args(argv))
+        finally:
+            while _HELD:
+                _HELD.pop().close()
     message = capsys.readouterr().err.strip().splitlines()[-1] if error is SystemExit else str(e.value)
     assert text in message and "Traceback" not in message, message
     assert error is not SystemExit or e.value.code == 2 and message.startswith("train.py: error: argument")
-    left = {p for p in tmp_path.rglob("*") if p.is_file()} - before
-    assert not [p for p in left if p.suffix in (".tmp", ".safetensors", ".json", ".tsv")], left
+    after = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert all(p.read_bytes() == blob for p, blob in before.items()), "a file that was there has changed"
+    assert not [p for p in after - set(before) if p.name != ".lock"], after - set(before)
 
 
 def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
@@ -1402,6 +1555,54 @@ def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp
     res = {k: json.load(open(v / "toy" / "cora-qkvo" / "results.json"))["test"] for k, v in runs.items()}
     assert abs(res["a"]["auc"] - res["killed"]["auc"]) < 1e-6 and res["a"]["auc"] == res["b"]["auc"]
     assert not state.exists()  # a finished run leaves trainable.safetensors + results.json only
+
+
+def test_given_numbers_are_kept_and_zero_switches_limits_off():
+    """A value the user gives is never replaced by a default (the old `args.r or 8`); 0 is accepted where it means
+    "no limit" (--clip, --max-steps, --*-limit, --warmup) and refused elsewhere (the table above)."""
+    import train
+    parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args(["--method", "cora", *argv]))
+    a = parse("--r", "4", "--clip", "0", "--max-steps", "0", "--train-limit", "0", "--warmup", "0")
+    assert (a.r, a.alpha, a.clip, a.max_steps, a.train_limit, a.warmup) == (4, 32.0, 0.0, 0, 0, 0)
+    assert (parse("--alpha", "0.5").r, parse("--alpha", "0.5").alpha) == (16, 0.5)
+
+
+def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy_llm):
+    """A finished run, then a re-run with other settings into its folder: SIGKILL after the re-run's first checkpoint,
+    then Ctrl-C after its resumed one (exit 130, naming the checkpoint and the command that continues). Both times
+    the finished run's files are byte for byte as they were and --reuse's check still accepts them; the printed
+    command then finishes the re-run, which replaces the old run whole."""
+    import signal
+    import train
+    common = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
+              "50", "--clip", "0"]
+    first = common + ["--out", str(tmp_path), "--max-steps", "2", "--threads", "1"]
+    train.main(train.cli().parse_args(first))
+    run = tmp_path / "toy" / "tallrec"
+    files = {p: p.read_bytes() for p in (run / n for n in ("results.json", "predictions.tsv", "trainable.safetensors"))}
+    assert max(v.abs().max().item() for k, v in load_file(run / "trainable.safetensors").items() if ".B." in k) > 0
+    rerun, state = common + ["--max-steps", "60", "--ckpt-every", "1", "--lr", "5e-4"], run / "state.safetensors"
+    for argv, sig in ((rerun, signal.SIGKILL), (rerun + ["--resume"], signal.SIGINT)):
+        since = state.stat().st_mtime_ns if state.exists() else 0
+        p = _train_log(tmp_path, *argv)
+        while (not state.exists() or state.stat().st_mtime_ns == since) and p.poll() is None:
+            time.sleep(0.01)
+        p.send_signal(sig)  # after the re-run's (resumed) first checkpoint
+        log = p.communicate()[0]
+        assert p.returncode == (-9 if sig == signal.SIGKILL else 130), log
+        assert all(path.read_bytes() == blob for path, blob in files.items()) and state.exists()
+        assert train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
+    assert "Traceback" not in log and f"the last checkpoint is {state}; continue with:" in log, log
+    command = shlex.split(log.strip().splitlines()[-1])
+    assert command[-1] == "--resume" and command.count("--resume") == 1
+    p = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (run / "results.json").read_bytes() != files[run / "results.json"] and not state.exists()
+    assert train.finished_with(str(run / "results.json"), train.cli().parse_args(rerun + ["--out", str(tmp_path)]))
+    assert not train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
+    (run / "predictions.tsv").write_text("uid\tiid\tlabel\tscore\n")  # now a folder that mixes runs
+    with pytest.raises(ValueError, match="predictions.tsv is not the file .*results.json records"):
+        train.check_run(str(run), "trainable.safetensors")
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys):

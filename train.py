@@ -8,17 +8,33 @@ train.py: one command for every method of the comparison.
     python train.py --eval-general|--generate --llm DIR --adapter RUN ...     the paper's Fig. 1 / Fig. 2 analyses
     torchrun --nproc_per_node N train.py --method tallrec|collm|cora ...      DDP over the trainable parameters
 
-Every run writes runs/<data>/<method>/{results.json, predictions.tsv, <weights>.safetensors} atomically:
-cf.safetensors for CF models, trainable.safetensors (the trainable parameters only) for LLM methods.
+A run folder runs/<data>/<name> holds one run: its weights (cf.safetensors for CF models, trainable.safetensors, the
+trainable parameters only, for LLM methods), predictions.tsv, and results.json, which records the size and SHA-256
+of the other two. A run writes nothing else there until it ends (its best weights so far are in state.safetensors),
+then renames all three into place back to back, results.json last (commit_run). So a finished run already there
+stays whole and usable until the new one finishes, and a kill, a full disk or Ctrl-C leave beside it only a
+state.safetensors (and, after a kill mid-write, a *.tmp file). Every reader (--reuse, --adapter, CoLLM's step 1,
+the CF checkpoint of CoLLM and CoRA) checks the files against results.json (check_run) and refuses a folder that
+fails, naming it; --reuse trains such a run again. results.json also records the LLM's fingerprint, which --adapter
+and CoLLM's step 1 compare, and CoLLM's the digest of its step-1 LoRA. A run holds an flock on <folder>/.lock for
+its whole life, so a second run into the same folder stops at once, naming it; --method all locks runs/<data>
+(all.md, all.json) likewise.
 LLM methods train a missing CF checkpoint first (cf_checkpoint); CoLLM trains a missing TALLRec first (its
 step 1); without --llm the toy run builds a tiny untrained LLaMA + tokenizer (toy_llm).
+
+Checked before any work: every number on the command line (argparse, exit 2, naming the flag; 0 where it switches a
+limit off, as --clip 0 = no clipping), that --out is a writable folder, the LLM folder (config types and
+architecture, weight dtypes, NaN/inf), every prompt against the LLM's positions, and the data files (data.py).
+Torchrun variables left in a shell without torchrun are refused. Ctrl-C exits with code 130, naming the last
+checkpoint and the command that resumes from it.
 
 The LLM training loop (run_llm) is CoLLM's runner, flattened: AdamW on the trainable parameters (weight decay on
 matrices only), linear warm-up then cosine decay, gradient accumulation, grad-norm clipping, validation every
 --eval-every steps, early stopping on valid AUC after --patience validations without gain, test metrics of the
 best state. --train-limit / --valid-limit / --test-limit take seeded subsets for CPU-sized runs. It saves a
 resumable state.safetensors (save_state) every --ckpt-every steps; --resume continues bit-exactly; a NaN/inf loss
-or gradient stops the run naming the step and that checkpoint. On CUDA the frozen LLM is bf16 under autocast.
+or gradient stops the run naming the step and that checkpoint. --dtype auto keeps the frozen LLM in bf16 on CUDA
+and on CPUs with native bf16 (llama.resolve_dtype).
 
 CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M
 MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
@@ -30,9 +46,16 @@ d 64 0.6711 / 0.6466, lr 3e-3 0.6704 / 0.6449. Chosen by valid: wd 1.5e-4, init 
 """
 import argparse
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import pathlib
+import shlex
+import sys
+import tempfile
 import time
+from datetime import timedelta
 
 import math
 
@@ -64,10 +87,102 @@ CF_DEFAULTS = {  # (data, method) -> hyperparameters; n_layers and init_std as c
     ("toy", "lightgcn"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
 }
 HYPER = ("dim", "lr", "wd", "batch_size", "epochs", "patience", "init_std")
+STARTED = time.time()  # a checkpoint older than this process is not one it saved
 
 
 def run_dir(out, data_name, method):
     return os.path.join(out, data_name, method)
+
+
+def llm_run_dir(args):
+    return run_dir(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
+
+
+def weights_file(method):
+    """The weights file of a run folder: cf.safetensors for CF models, trainable.safetensors for LLM methods."""
+    return "cf.safetensors" if method in CF_METHODS else "trainable.safetensors"
+
+
+def check_out(out):
+    """--out as a folder this process can write (created if absent), checked before any work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def run_lock(folder, wait=False):
+    """Hold folder/.lock (fcntl.flock, released when the process ends, however it ends) while a run writes the
+    folder: a second writer is refused, naming the folder and the holder's pid; with wait, it waits instead."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{folder} is in use by another run (pid {f.read().strip() or '?'}); wait for it to "
+                             f"finish or pass another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def digest(blob):
+    return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def predictions_tsv(rows, scores):
+    """uid, iid, label, score of every row: enough to recompute every metric."""
+    return "uid\tiid\tlabel\tscore\n" + "".join(f"{u}\t{i}\t{int(y)}\t{s:.6g}\n" for u, i, y, s in zip(
+        rows.uid.tolist(), rows.iid.tolist(), rows.label.tolist(), np.asarray(scores).tolist()))
+
+
+def commit_run(folder, weights, predictions, result):
+    """Make folder a finished run: its weights ({file name: bytes}), predictions.tsv and results.json, which records
+    the size and SHA-256 of the other two. All are written to temporary files first, then renamed back to back,
+    results.json last (data.atomic_write_all): until then a finished run already there stays whole."""
+    files = {**weights, "predictions.tsv": predictions.encode("utf-8")}
+    result["files"] = {name: digest(blob) for name, blob in files.items()}
+    files["results.json"] = json.dumps(result, indent=2, default=str) + "\n"
+    data.atomic_write_all({os.path.join(folder, name): blob for name, blob in files.items()})
+
+
+def check_run(folder, weights):
+    """results.json of the finished run in folder, once its weights file and predictions.tsv are checked to be the
+    ones it records; otherwise a ValueError naming the folder and what does not match."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        busy = " (a run in progress or interrupted left state.safetensors)" * os.path.isfile(
+            os.path.join(folder, "state.safetensors"))
+        raise ValueError(f"{folder} holds no finished run: no results.json{busy}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("files"), dict) or "args" not in result:
+        raise ValueError(f"{path} is not the record of a finished run (it records no files or arguments)")
+    for name in (weights, "predictions.tsv"):
+        p = os.path.join(folder, name)
+        if not os.path.isfile(p) or digest(pathlib.Path(p).read_bytes()) != result["files"].get(name):
+            raise ValueError(f"{p} is {'missing' if not os.path.isfile(p) else 'not the file'} {path} records: the "
+                             f"folder mixes runs, or a run stopped while it committed; train it again")
+    return result
+
+
+def finished(folder, weights, log=lambda message: None):
+    """check_run's results, or None when folder holds no finished run (log gets the reason when there is one)."""
+    try:
+        return check_run(folder, weights)
+    except ValueError as e:
+        if os.path.isdir(folder):
+            log(str(e))
+        return None
 
 
 def run_name(method, cf_name="mf", weight_types="qkvo", prompt="text"):
@@ -89,42 +204,37 @@ def markdown_table(method, results, wall_s):
     return "\n".join(lines)
 
 
-def write_results(folder, rows, scores, result):
-    """predictions.tsv (uid, iid, label, score: enough to recompute every metric) and results.json, atomically."""
-    data.atomic_write(os.path.join(folder, "predictions.tsv"), "uid\tiid\tlabel\tscore\n" + "".join(
-        f"{u}\t{i}\t{int(y)}\t{s:.6g}\n"
-        for u, i, y, s in zip(rows.uid.tolist(), rows.iid.tolist(), rows.label.tolist(), np.asarray(scores).tolist())))
-    data.atomic_write(os.path.join(folder, "results.json"), json.dumps(result, indent=2, default=str) + "\n")
-
-
 def run_cf(data_name, method, out="runs", data_root=None, seed=2023, overrides=None, ds=None, log=print):
-    """Pretrain one CF model, write its run folder, return (model, results dict)."""
+    """Pretrain one CF model, make its run folder a finished run (commit_run), return (model, results dict)."""
     t0 = time.time()
     if (data_name, method) not in CF_DEFAULTS:
         raise ValueError(f"no CF defaults for {method!r} on {data_name!r}; known: {sorted(CF_DEFAULTS)}")
     hp = {**CF_DEFAULTS[(data_name, method)], **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    ds = ds or data.load_dataset(data_name, data_root)
-    log(f"{method} on {data_name}: {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} rows, {ds.n_users} users, "
-        f"{ds.n_items} items, {hp}")
-    model, result = cf.train_cf(method, ds, seed=seed, log=log, **hp)
     folder = run_dir(out, data_name, method)
-    os.makedirs(folder, exist_ok=True)
-    checkpoint = os.path.join(folder, "cf.safetensors")
-    cf.save_cf(checkpoint, model, {"dataset": data_name, "seed": seed, **hp})
-    result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
-                  wall_time_s=time.time() - t0, checkpoint=checkpoint, peak_memory_mb=peak_memory_mb(),
-                  trainable_params=sum(p.numel() for p in model.parameters()))
-    write_results(folder, ds.test, cf.predict(model, ds.test), result)
+    with run_lock(folder):
+        ds = ds or data.load_dataset(data_name, data_root)
+        log(f"{method} on {data_name}: {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} rows, {ds.n_users} users, "
+            f"{ds.n_items} items, {hp}")
+        model, result = cf.train_cf(method, ds, seed=seed, log=log, **hp)
+        result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
+                      wall_time_s=time.time() - t0, checkpoint=os.path.join(folder, "cf.safetensors"),
+                      peak_memory_mb=peak_memory_mb(),
+                      trainable_params=sum(p.numel() for p in model.parameters()))
+        commit_run(folder, {"cf.safetensors": cf.cf_bytes(model, {"dataset": data_name, "seed": seed, **hp})},
+                   predictions_tsv(ds.test, cf.predict(model, ds.test)), result)
     log(markdown_table(method, {"valid": result["valid"], "test": result["test"]}, result["wall_time_s"]))
     return model, result
 
 
 def cf_checkpoint(data_name, method, out="runs", data_root=None, seed=2023, ds=None, log=print):
-    """Path of the CF checkpoint runs/<data>/<method>/cf.safetensors, pretrained with the defaults if absent."""
+    """Path of the CF checkpoint runs/<data>/<method>/cf.safetensors, pretrained with the defaults if absent; a folder
+    that holds one must be a finished run of that dataset (check_run)."""
     if method not in CF_METHODS:
         raise ValueError(f"unknown CF model {method!r}; choose from {CF_METHODS}")
-    path = os.path.join(run_dir(out, data_name, method), "cf.safetensors")
-    if os.path.isfile(path):
+    folder = run_dir(out, data_name, method)
+    path = os.path.join(folder, "cf.safetensors")
+    if os.path.isfile(path) or os.path.isfile(os.path.join(folder, "results.json")):
+        check_run(folder, "cf.safetensors")
         stored = cf.load_cf(path, kind=method).meta.get("dataset")
         if stored != data_name:
             raise ValueError(f"{path} was trained on {stored!r}, not {data_name!r}; delete it or use another --out")
@@ -154,35 +264,76 @@ TOY_LLM = dict(epochs=4, warmup=50, eval_every=100, patience=5, eval_batch_size=
 def toy_llm(ds, out):
     """The embedded default LLM: a tiny random LLaMA + a tokenizer trained on the toy prompts (untrained!)."""
     folder = os.path.join(out, "toy-llama")
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        texts = [p + a for s in (ds.train, ds.valid, ds.test) for t in ("tallrec", "collm")
-                 for p in data.prompts(ds, s, t)[:3000] for a in (" Yes", " No")]
-        llama.build_tiny_llama(folder, texts, vocab_size=600)
-        print(f"built an untrained tiny LLaMA + tokenizer in {folder}")
+    with run_lock(folder, wait=True):  # two first runs at once: one builds it, the other waits for it
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            texts = [p + a for s in (ds.train, ds.valid, ds.test) for t in ("tallrec", "collm")
+                     for p in data.prompts(ds, s, t)[:3000] for a in (" Yes", " No")]
+            llama.build_tiny_llama(folder, texts, vocab_size=600)
+            print(f"built an untrained tiny LLaMA + tokenizer in {folder}")
     return folder
 
 
-def build_llm_method(args, ds, llm, tok, yes_no):
+def llm_fingerprint(folder):
+    """SHA-256 of an LLM folder's config.json and of each weights file's size and 17 samples of 64 KiB (the header
+    first): cheap, and another model or checkpoint differs (a run records it; its readers compare)."""
+    h = hashlib.sha256()
+    for path in [os.path.join(folder, "config.json"), *sorted(set(llama.checkpoint_files(folder).values()))]:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)} {size}\n".encode())
+        with open(path, "rb") as f:
+            for k in range(17):
+                f.seek(size * k // 17)
+                h.update(f.read(2 ** 16))
+    return h.hexdigest()
+
+
+def load_trained(path, expected, what):
+    """The tensors of a run's weights file, after checking that they are exactly expected's {name: tensor} (every
+    name and shape); a ValueError naming the file and the first differences otherwise."""
+    found = {k: shape for k, (_, shape) in llama.read_header(path).items()}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    if found != want:
+        diff = [f"{k}: {found.get(k, 'absent')} in the file, {want.get(k, 'absent')} here"
+                for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k)]
+        raise ValueError(f"{path} does not fit {what} ({len(diff)} tensors differ; {'; '.join(diff[:3])})")
+    return load_file(path, device=str(next(iter(expected.values())).device))
+
+
+STAGE1 = ("r", "alpha", "lora_targets")  # what CoLLM's step-1 TALLRec run must share with it
+
+
+def build_llm_method(args, ds, llm, tok, yes_no, fingerprint):
+    """The method of args on the frozen llm (fingerprint: llm_fingerprint of its folder); for CoLLM with its step-1
+    TALLRec LoRA loaded, that run trained first when absent."""
     kw = dict(score=args.score, delta_dropout=args.lora_dropout)
-    lora = dict(r=args.r or 8, alpha=args.alpha or 16, targets=tuple(args.lora_targets.split(",")), **kw)
+    lora = dict(r=args.r, alpha=args.alpha, targets=tuple(args.lora_targets.split(",")), **kw)
     if args.method == "tallrec":
         return collm.TALLRec(llm, tok, yes_no, **lora)
-    cf_model = cf.load_cf(rank0_first(cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds))
+    path = rank0_first(cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds)
+    cf_model = cf.load_cf(path)
+    if (cf_model.n_users, cf_model.n_items) != (ds.n_users, ds.n_items):
+        raise ValueError(f"{path} has tables of {cf_model.n_users} users and {cf_model.n_items} items, but --data "
+                         f"{args.data} (--data-root {args.data_root}) has {ds.n_users} and {ds.n_items} (ids + "
+                         f"padding): it was trained on other data; delete {os.path.dirname(path)} or use another --out")
     if args.method == "collm":
         m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
-        stage1 = os.path.join(args.out, args.data, run_name("tallrec", prompt=args.prompt), "trainable.safetensors")
-        if not os.path.isfile(stage1):  # step 1 = TALLRec, trained first when absent
-            print(f"CoLLM step 1: no TALLRec LoRA at {stage1}; training it first")
-            resume = args.resume and os.path.isfile(os.path.join(os.path.dirname(stage1), "state.safetensors"))
+        tallrec = run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))
+        if not os.path.isfile(os.path.join(tallrec, "results.json")):  # step 1 = TALLRec, trained first when absent
+            print(f"CoLLM step 1: no finished TALLRec run in {tallrec}; training it first")
+            resume = args.resume and os.path.isfile(os.path.join(tallrec, "state.safetensors"))
             run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": resume}))
-        llama.read_header(stage1)  # truncated or foreign: one CheckpointError naming the file
-        try:
-            m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in load_file(stage1).items()})  # strict
-        except RuntimeError as e:
-            raise ValueError(f"{stage1} is not a TALLRec LoRA of this LLM and --r/--lora-targets ({e})") from None
+        res = check_run(tallrec, "trainable.safetensors")
+        diff = {k: (res["args"].get(k), vars(args)[k]) for k in STAGE1 if res["args"].get(k) != vars(args)[k]}
+        if diff or res.get("llm_fingerprint") != fingerprint:
+            raise ValueError(f"{tallrec} is not this CoLLM's step 1: " + (f"its settings differ (saved vs now: {diff})"
+                             if diff else f"it was trained on another LLM ({res.get('llm')})") + "; move it away")
+        stage1 = os.path.join(tallrec, "trainable.safetensors")
+        lora = load_trained(stage1, {f"lora.{k}": v for k, v in m.lora.state_dict().items()}, "this CoLLM's LoRA")
+        m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in lora.items()})
+        m.stage1 = res["files"]["trainable.safetensors"]  # recorded by the CoLLM run, compared by load_run
     else:
-        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r or 16,
-                      alpha=args.alpha or 32, n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r, alpha=args.alpha,
+                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
     if args.cf_norm == "standard":  # fixed statistics of the frozen CF features over every train row
         t = ds.train
         m.standardize(*(torch.as_tensor(v) for v in (t.uid, t.iid, cf.history_ids(t.history, cf.MAX_HISTORY))))
@@ -285,6 +436,12 @@ def check_split(split, name, path_hint):
 
 
 def run_llm(args):
+    """Train and test one LLM method (args filled by fill_llm_defaults); rank 0 holds the run folder's lock."""
+    with run_lock(llm_run_dir(args)) if rank_world()[0] == 0 else contextlib.nullcontext():
+        return _run_llm(args)
+
+
+def _run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
     device, dtype = llama.DEVICE, llama.resolve_dtype(args.dtype)  # the frozen LLM's dtype; trainables stay fp32
@@ -299,8 +456,8 @@ def run_llm(args):
     if args.batch_size * args.accum > len(splits["train"]):
         raise ValueError(f"--batch-size {args.batch_size} x --accum {args.accum} is larger than the "
                          f"{len(splits['train'])} train rows")
-    out = os.path.join(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
-    state_path, ckpt = os.path.join(out, "state.safetensors"), os.path.join(out, "trainable.safetensors")
+    out = llm_run_dir(args)
+    state_path = os.path.join(out, "state.safetensors")
     if args.resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"--resume: no checkpoint {state_path} to resume from (the run finished, or never "
                                 f"saved one); run without --resume")
@@ -308,9 +465,15 @@ def run_llm(args):
     llm, tok = llama.load(folder, dtype, device)
     llm = llama.compile_blocks(llm) if args.compile else llm
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
-    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
-    model = build_llm_method(args, ds, llm, tok, yes_no).to(device)
     enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
+    longest = {k: max(map(len, seqs)) for k, (seqs, _) in enc.items()}
+    for k, n in longest.items():
+        if n > llm.args.max_seq_len:
+            raise ValueError(f"the longest {k} prompt has {n} tokens, more than the {llm.args.max_seq_len} "
+                             f"positions of {folder} (max_position_embeddings, or its sliding_window)")
+    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
+    fingerprint = llm_fingerprint(folder)
+    model = build_llm_method(args, ds, llm, tok, yes_no, fingerprint).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     net = model
@@ -361,7 +524,7 @@ def run_llm(args):
                 loss_sum = t.item()
             for g in opt.param_groups:
                 g["lr"] = lr_at(c["step"])
-            norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.clip or math.inf)  # 0: the norm only, no clipping
             if not math.isfinite(loss_sum) or not torch.isfinite(norm):
                 last = state_path if os.path.isfile(state_path) else "none saved yet"
                 msg = (f"step {c['step'] + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}"
@@ -386,8 +549,6 @@ def run_llm(args):
                 if valid["auc"] > c["best_auc"]:
                     c["best_auc"], c["bad"] = valid["auc"], 0
                     best = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-                    if rank == 0:
-                        data.atomic_write(ckpt, safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()}))
                 else:
                     c["bad"] += 1
                 rate = seen / (time.time() - tl)
@@ -407,20 +568,21 @@ def run_llm(args):
     test = cf.evaluate(splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=c["best_auc"], steps=c["step"],
                   trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
-                  test_rows=len(splits["test"]), llm=folder, device=device, dtype=str(dtype).removeprefix("torch."), test=test,
-                  peak_memory_mb=peak_memory_mb(), processes=world)
+                  test_rows=len(splits["test"]), llm=folder, llm_fingerprint=fingerprint, device=device,
+                  dtype=str(dtype).removeprefix("torch."), test=test,
+                  peak_memory_mb=peak_memory_mb(), processes=world, stage1=getattr(model, "stage1", None))
     if rank > 0:
         return result
-    write_results(out, splits["test"], scores, result)
+    weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()})
+    commit_run(out, {"trainable.safetensors": weights}, predictions_tsv(splits["test"], scores), result)
     if os.path.isfile(state_path):
         os.remove(state_path)  # the run is complete: trainable.safetensors + results.json are what it leaves
     table = markdown_table(args.method, {"test": test}, result["wall_time_s"])
     cf_dir = run_dir(args.out, args.data, args.cf)
-    if os.path.isfile(os.path.join(cf_dir, "results.json")):  # the CF model on exactly the same test rows, beside it
-        with open(os.path.join(cf_dir, "results.json")) as f:
-            cf_wall = json.load(f)["wall_time_s"]
+    cf_run = finished(cf_dir, "cf.safetensors")
+    if cf_run:  # the CF model on exactly the same test rows, beside it
         cf_test = cf.evaluate(splits["test"], cf.predict(cf.load_cf(os.path.join(cf_dir, "cf.safetensors")), splits["test"]))
-        table += "\n" + markdown_table(args.cf, {"test": cf_test}, cf_wall).split("\n")[-1]
+        table += "\n" + markdown_table(args.cf, {"test": cf_test}, cf_run["wall_time_s"]).split("\n")[-1]
     print(table)
     return result
 
@@ -436,7 +598,7 @@ def peak_memory_mb():
 def bench_batch(args, ds):
     """A typical training batch: the --batch-size (8) train prompts among the first 40 batches' worth whose token
     lengths are nearest the median, as length bucketing would group them."""
-    B, tok = args.batch_size or 8, llama.Tokenizer(args.llm or toy_llm(ds, os.path.join(args.out, args.data)))
+    B, tok = 8 if args.batch_size is None else args.batch_size, llama.Tokenizer(args.llm or toy_llm(ds, os.path.join(args.out, args.data)))
     split = ds.train.subset(np.arange(min(len(ds.train), 40 * B)))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
     lengths = np.array([len(s) for s in seqs])
@@ -589,7 +751,9 @@ def run_all(args):
                 print(f"\n--reuse: {path} was run with these arguments; not run again", flush=True)
             else:
                 print(f"\n$ python train.py {' '.join(argv)}", flush=True)
-                subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+                code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv]).returncode
+                if code:
+                    raise ValueError(f"python train.py {' '.join(argv)} failed (exit code {code}; its error is above)")
             with open(path) as f:
                 rows.setdefault(name, []).append(json.load(f))
     ref = run_name("cora", args.cf if args.ablation == "weights" else "mf", args.weight_types)  # CoRA-MF, qkvo
@@ -612,12 +776,12 @@ RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seed
 
 
 def finished_with(path, child):
-    """Whether results.json at path records a finished run of the child's arguments: every argument both record
-    agrees, except RUN_CONTROL ones and CF hyperparameters the child leaves to the tuned configuration."""
-    if not os.path.isfile(path):
+    """Whether results.json at path records a finished run (check_run) of the child's arguments: every argument both
+    record agrees, except RUN_CONTROL ones and CF hyperparameters the child leaves to the tuned configuration."""
+    res = finished(os.path.dirname(path), weights_file(child.method), lambda e: print(f"--reuse: {e}; not reused"))
+    if res is None:
         return False
-    with open(path) as f:
-        stored = {"cf_norm": "none", **json.load(f)["args"]}  # runs from before --cf-norm read raw CF features
+    stored = res["args"]
     child = vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child)
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
@@ -659,20 +823,30 @@ def comparison_table(data_name, rows, deltas=None):
 # ----------------------------------------------------------------------------- general ability (paper Fig. 1)
 
 CLOZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cloze.tsv")  # prompt, right answer, wrong answer
+PPL_WINDOW = 256  # tokens per perplexity window
 
 
-def load_run(run, llm, tok):
-    """A finished LLM run folder rebuilt on llm: (its arguments, its dataset, the method with its trained weights)."""
-    path = os.path.join(run, "results.json")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run, "trainable.safetensors")):
-        raise FileNotFoundError(f"--adapter {run}: expected a finished LLM run folder (results.json + "
-                                f"trainable.safetensors), e.g. runs/ml-1m/cora-qkvo")
-    with open(path) as f:
-        a = argparse.Namespace(**{**vars(cli().parse_args([])), **json.load(f)["args"], "resume": False})
+def load_run(run, llm, tok, folder):
+    """A finished LLM run folder (check_run) rebuilt on llm, the LLM of the folder it was trained on: (its arguments,
+    its dataset, the method with its trained weights)."""
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"--adapter {run}: no such run folder (a finished LLM run, e.g. runs/ml-1m/cora-qkvo)")
+    res = check_run(run, "trainable.safetensors")
+    a = argparse.Namespace(**{**vars(cli().parse_args([])), **res["args"], "resume": False})
+    fingerprint = llm_fingerprint(folder)
+    if a.method not in LLM_METHODS or res.get("llm_fingerprint") != fingerprint:
+        raise ValueError(f"--adapter {run}: " + (f"a {a.method} run, not an LLM method's" if a.method not in LLM_METHODS
+                         else f"trained on the LLM {res.get('llm')}, not on --llm {folder} (their files differ)"))
+    if a.method == "collm":  # its step 1 must still be there: build_llm_method would train a missing one
+        check_run(run_dir(a.out, a.data, run_name("tallrec", prompt=a.prompt)), "trainable.safetensors")
     ds = data.load_dataset(a.data, a.data_root)
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
-    m = build_llm_method(a, ds, llm, tok, yes_no).to(llama.DEVICE).eval()
-    m.load_state_dict(load_file(os.path.join(run, "trainable.safetensors"), device=llama.DEVICE), strict=False)
+    m = build_llm_method(a, ds, llm, tok, yes_no, fingerprint).to(llama.DEVICE).eval()
+    if a.method == "collm" and m.stage1 != res.get("stage1"):
+        raise ValueError(f"--adapter {run}: its step-1 TALLRec run has been trained again since; the CoLLM run no "
+                         f"longer has the LoRA it was trained with")
+    path = os.path.join(run, "trainable.safetensors")
+    m.load_state_dict(load_trained(path, m.trainable_state(), f"{a.method} on --llm {folder}"), strict=False)
     return a, ds, m
 
 
@@ -687,24 +861,27 @@ def general_ability(args):
     """Perplexity on general English text and accuracy on a cloze set (right answer more likely than wrong), for the
     base LLM and for the LLM as each trained run in --adapter leaves it: TALLRec/CoLLM with their LoRA applied,
     CoRA with the W_c of --pairs seeded test (user, item) pairs (default 8, averaged)."""
-    llm, tok = llama.load(args.llm, llama.resolve_dtype(args.dtype), llama.DEVICE)
     with open(args.general_text, encoding="utf-8", errors="replace") as f:
         text = f.read()
     with open(CLOZE, encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
     prompts, right, wrong = zip(*rows)
+    llm, tok = llama.load(args.llm, llama.resolve_dtype(args.dtype), llama.DEVICE)
+    if len(tok.encode(text, bos=False)) <= PPL_WINDOW:
+        raise ValueError(f"--general-text {args.general_text}: {len(tok.encode(text, bos=False))} tokens, too short "
+                         f"for a perplexity (more than {PPL_WINDOW} needed)")
+    runs = {run: load_run(run, llm, tok, args.llm) for run in args.adapter or []}  # every one checked before scoring
 
     def scores(deltas_list):
-        ppl = [llama.perplexity(llm, tok, text, deltas=d) for d in deltas_list]
+        ppl = [llama.perplexity(llm, tok, text, window=PPL_WINDOW, deltas=d) for d in deltas_list]
         acc = [(llama.answer_logprob(llm, tok, prompts, right, d) > llama.answer_logprob(llm, tok, prompts, wrong, d))
                .float().mean().item() for d in deltas_list]
         return dict(perplexity=float(np.mean(ppl)), cloze_accuracy=float(np.mean(acc)))
 
     res = {"base LLM": scores([None])}
-    for run in args.adapter or []:
-        a, ds, m = load_run(run, llm, tok)
+    for run, (a, ds, m) in runs.items():
         if a.method == "cora":
-            uid, iid, his = sample_pairs(ds, args.pairs or 8, args.seed)
+            uid, iid, his = sample_pairs(ds, 8 if args.pairs is None else args.pairs, args.seed)
             with torch.no_grad():
                 deltas = [m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) for j in range(len(uid))]
         else:
@@ -732,9 +909,9 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
     embeddings in the prompt (and its LoRA); CoRA with the pair's W_c; TALLRec with its LoRA. Each answer is scored
     by the base LLM's perplexity given the plain question (lower = still fluent, on-topic text)."""
     llm, tok = llama.load(args.llm, llama.resolve_dtype(args.dtype), llama.DEVICE)
-    runs = [load_run(run, llm, tok) for run in args.adapter or []]
+    runs = [load_run(run, llm, tok, args.llm) for run in args.adapter or []]
     ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
-    uid, iid, his = sample_pairs(ds, args.pairs or 30, args.seed)
+    uid, iid, his = sample_pairs(ds, 30 if args.pairs is None else args.pairs, args.seed)
     item = "book" if ds.kind == "book" else "movie"
     control = any(a.method == "collm" for a, _, _ in runs)  # the base LLM on CoLLM's wording, placeholders as plain tokens
     names = ["base LLM"] + ["base LLM, CoLLM's prompt"] * control + [os.path.normpath(r) for r in args.adapter or []]
@@ -781,7 +958,50 @@ def fill_llm_defaults(args):
             setattr(args, k, v)
     if args.cf_norm is None:
         args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
+    r, alpha = (16, 32.0) if args.method == "cora" else (8, 16.0)  # rank and scaling: CoRA's, TALLRec/CoLLM's LoRA
+    args.r, args.alpha = r if args.r is None else args.r, alpha if args.alpha is None else args.alpha
     return args
+
+
+DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+DIST_TIMEOUT = timedelta(minutes=30)  # for the process group to form, and for any collective (rank 0 may train CF)
+
+
+def init_distributed(args):
+    """torchrun's process group (nccl on CUDA, gloo on CPU). WORLD_SIZE and friends left over in a shell without
+    torchrun are refused: the process would wait for peers that never come."""
+    env = {k: os.environ[k] for k in DIST_VARS if k in os.environ}
+    if not (env.get("TORCHELASTIC_RUN_ID") or all(env.get(k) for k in DIST_VARS[1:5])):
+        raise ValueError(f"{' '.join(f'{k}={v}' for k, v in env.items())} in the environment, but no torchrun "
+                         f"(TORCHELASTIC_RUN_ID, or LOCAL_RANK + RANK + MASTER_ADDR + MASTER_PORT): unset them, or "
+                         f"launch with torchrun --nproc_per_node N train.py ...")
+    if args.method not in LLM_METHODS:
+        raise ValueError(f"--method {args.method}: torchrun runs the LLM methods (tallrec, collm, cora); "
+                         f"train CF models and --method all with plain python")
+    try:
+        dist.init_process_group("nccl" if llama.DEVICE == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    except RuntimeError as e:  # the store's timeout, a refused connection
+        raise ValueError(f"torchrun: the {env['WORLD_SIZE']} processes did not connect within {DIST_TIMEOUT} "
+                         f"({e})") from None
+    if llama.DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def interrupted(args):
+    """What Ctrl-C leaves to say: the last checkpoint a run saved and the command that continues from it."""
+    if args.method == "all":
+        return "interrupted; the same command with --reuse keeps the runs that finished"
+    if args.method in CF_METHODS or args.bench or args.eval_general or args.generate:
+        return "interrupted (nothing to continue: only LLM methods save checkpoints)"
+    folders = [llm_run_dir(args)] + [run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))] * (
+        args.method == "collm")  # CoLLM may have been training its step 1
+    states = [p for p in (os.path.join(f, "state.safetensors") for f in folders)
+              if os.path.isfile(p) and (args.resume or os.path.getmtime(p) >= STARTED)]
+    if not states:
+        return "interrupted before the first checkpoint (every --ckpt-every steps): nothing saved to continue from"
+    argv = sys.argv[1:] + ["--resume"] * ("--resume" not in sys.argv)
+    return (f"interrupted; the last checkpoint is {max(states, key=os.path.getmtime)}; continue with:\n"
+            f"  python {shlex.quote(sys.argv[0])} {shlex.join(argv)}")
 
 
 def main(args):
@@ -789,6 +1009,8 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.bench_case:
         return bench_case(args)
+    if not (args.eval_general or args.generate or args.bench and args.llm):  # a run writes under --out
+        check_out(args.out)
     if args.bench:
         return bench(args)
     if args.eval_general or args.generate:
@@ -796,14 +1018,10 @@ def main(args):
             raise ValueError("--eval-general and --generate need --llm PATH (the base LLM of the --adapter runs)")
         return general_ability(args) if args.eval_general else semantic_disruption(args)
     if args.method == "all":
-        return run_all(args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
-        if args.method not in LLM_METHODS:
-            raise ValueError(f"--method {args.method}: torchrun runs the LLM methods (tallrec, collm, cora); "
-                             f"train CF models and --method all with plain python")
-        dist.init_process_group("nccl" if llama.DEVICE == "cuda" else "gloo")
-        if llama.DEVICE == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        with run_lock(os.path.join(args.out, args.data)):  # all.md / all.json: one comparison at a time
+            return run_all(args)
+    if os.environ.get("WORLD_SIZE", "1") != "1" and not dist.is_initialized():  # launched by torchrun
+        init_distributed(args)
     if args.method in CF_METHODS:
         torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
         return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
@@ -818,11 +1036,34 @@ def main(args):
             dist.destroy_process_group()
 
 
+def at_least(low, kind=int, strict=False, below=None):
+    """An argparse type: a finite kind (int or float) >= low (> low when strict; < below when given). A value out
+    of range exits at once with argparse's "argument --flag: ..." line."""
+    def parse(text):
+        v = kind(text)
+        if not math.isfinite(v) or v < low or strict and v == low or below is not None and v >= below:
+            what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {what}" + f" and < {below}" * (
+                below is not None))
+        return v
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return parse
+
+
+def projections(text):
+    """An argparse type: comma-separated LLaMA projections (llama.PROJ), kept as the text."""
+    if not text or any(p not in llama.PROJ for p in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated projections of {', '.join(llama.PROJ)}")
+    return text
+
+
 def cli():
-    """The command line (a function so that tests can parse argument lists)."""
+    """The command line (a function so that tests can parse argument lists). Every number is range-checked here."""
+    natural, zero_off = at_least(1), at_least(0)  # zero_off: >= 0, where 0 switches the limit off
+    positive, nonneg, dropout = at_least(0, float, strict=True), at_least(0.0, float), at_least(0.0, float, below=1)
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[1])
     parser.add_argument("--method", default="cora", choices=CF_METHODS + LLM_METHODS + ("all",))
-    parser.add_argument("--seeds", type=int, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
+    parser.add_argument("--seeds", type=natural, default=1, help="--method all: repeat with seeds seed, seed+1, ...")
     parser.add_argument("--lgcn", action="store_true", help="--method all: add CoLLM-LGCN and CoRA-LGCN")
     parser.add_argument("--sas", action="store_true", help="--method all: add SASRec, CoLLM-SAS and CoRA-SAS")
     parser.add_argument("--ablation", choices=("text", "weights"), help="--method all: text = each LLM method also "
@@ -834,50 +1075,50 @@ def cli():
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
     parser.add_argument("--out", default="runs")
-    parser.add_argument("--seed", type=int, default=2023)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--wd", type=float)
-    parser.add_argument("--dim", type=int, help="CF embedding size")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--patience", type=int, help="evaluations without a better valid AUC before stopping")
-    parser.add_argument("--init-std", type=float, help="CF embedding init std (default: per data/method, see above)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CF default 1)")
+    parser.add_argument("--seed", type=at_least(0, below=2 ** 63), default=2023)
+    parser.add_argument("--epochs", type=natural)
+    parser.add_argument("--lr", type=positive)
+    parser.add_argument("--wd", type=nonneg)
+    parser.add_argument("--dim", type=natural, help="CF embedding size")
+    parser.add_argument("--batch-size", type=natural)
+    parser.add_argument("--patience", type=natural, help="evaluations without a better valid AUC before stopping")
+    parser.add_argument("--init-std", type=positive, help="CF embedding init std (default: per data/method, see above)")
+    parser.add_argument("--threads", type=natural, default=None, help="torch CPU threads (CF default 1)")
     g = parser.add_argument_group("LLM methods (tallrec, collm, cora)")
     g.add_argument("--llm", help="HF LLaMA folder; default: a tiny untrained LLaMA built for the toy data")
     g.add_argument("--cf", default="mf", choices=CF_METHODS, help="CF model read by collm/cora")
     g.add_argument("--weight-types", default="qkvo", choices=list(cora.WEIGHT_TYPES), help="CoRA: weights given W_c")
-    g.add_argument("--r", type=int, help="rank (TALLRec/CoLLM LoRA 8, CoRA 16)")
-    g.add_argument("--alpha", type=float, help="scaling numerator, W_c and LoRA scaled by alpha/r (16 / 32)")
-    g.add_argument("--lora-targets", default="q,v", help="TALLRec/CoLLM LoRA projections")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the delta path input")
+    g.add_argument("--r", type=natural, help="rank (TALLRec/CoLLM LoRA 8, CoRA 16)")
+    g.add_argument("--alpha", type=positive, help="scaling numerator, W_c and LoRA scaled by alpha/r (16 / 32)")
+    g.add_argument("--lora-targets", default="q,v", type=projections, help="TALLRec/CoLLM LoRA projections")
+    g.add_argument("--lora-dropout", type=dropout, default=0.05, help="dropout on the delta path input")
     g.add_argument("--tune-lora", action="store_true", help="CoLLM step 2 also trains the step-1 LoRA")
     g.add_argument("--score", default="yes", choices=("yes", "yesno"), help="raw Yes logit, or Yes-No (TALLRec)")
     g.add_argument("--cf-norm", choices=("none", "standard"), help="CoLLM/CoRA: [e_u, e_i] as is (official), or "
                    "standardised with fixed train-set statistics (default: standard for --cf sasrec, none otherwise)")
-    g.add_argument("--n-queries", type=int, default=4)
-    g.add_argument("--n-blocks", type=int, default=8)
-    g.add_argument("--ffn-dim", type=int, default=3072)
-    g.add_argument("--accum", type=int, help="gradient accumulation steps")
-    g.add_argument("--eval-every", type=int, help="optimizer steps between validations")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--warmup", type=int, help="linear warm-up steps")
-    g.add_argument("--warmup-lr", type=float, help="learning rate at step 0 of the warm-up")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    g.add_argument("--clip", type=float, help="gradient-norm clipping")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs)")
-    g.add_argument("--max-minutes", type=float, default=0, help="stop training (validate, then test) after this long")
-    g.add_argument("--train-limit", type=int, default=0, help="train on a seeded random subset of this many rows")
-    g.add_argument("--valid-limit", type=int, default=0, help="validate on a seeded subset of this many rows")
-    g.add_argument("--test-limit", type=int, default=0, help="test on a seeded subset of this many rows")
+    g.add_argument("--n-queries", type=natural, default=4)
+    g.add_argument("--n-blocks", type=natural, default=8)
+    g.add_argument("--ffn-dim", type=natural, default=3072)
+    g.add_argument("--accum", type=natural, help="gradient accumulation steps")
+    g.add_argument("--eval-every", type=natural, help="optimizer steps between validations")
+    g.add_argument("--eval-batch-size", type=natural)
+    g.add_argument("--warmup", type=zero_off, help="linear warm-up steps")
+    g.add_argument("--warmup-lr", type=nonneg, help="learning rate at step 0 of the warm-up")
+    g.add_argument("--min-lr", type=nonneg, help="learning rate at the end of the cosine decay")
+    g.add_argument("--clip", type=nonneg, help="gradient-norm clipping (0 = none)")
+    g.add_argument("--max-steps", type=zero_off, default=0, help="stop after this many steps (0 = epochs)")
+    g.add_argument("--max-minutes", type=nonneg, default=0, help="stop training (validate, then test) after this long")
+    g.add_argument("--train-limit", type=zero_off, default=0, help="train on a seeded random subset of this many rows")
+    g.add_argument("--valid-limit", type=zero_off, default=0, help="validate on a seeded subset of this many rows")
+    g.add_argument("--test-limit", type=zero_off, default=0, help="test on a seeded subset of this many rows")
     g.add_argument("--resume", action="store_true", help="continue from <run>/state.safetensors (same arguments)")
-    g.add_argument("--ckpt-every", type=int, default=0, help="steps between resumable checkpoints (default: --eval-every)")
+    g.add_argument("--ckpt-every", type=zero_off, default=0, help="steps between checkpoints (0: --eval-every)")
     g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
                    "instead of stopping")
     g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm and --adapter runs")
     g.add_argument("--generate", action="store_true", help="answers to a question about the item, base vs --adapter")
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
-    g.add_argument("--pairs", type=int, help="--eval-general / --generate: seeded test (user, item) pairs (8 / 30)")
+    g.add_argument("--pairs", type=natural, help="--eval-general / --generate: seeded test (user, item) pairs (8 / 30)")
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
     g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (pays off on GPU and "
                    "on long runs: compiling takes minutes on a CPU)")
@@ -890,7 +1131,10 @@ def cli():
 
 if __name__ == "__main__":
     parser = cli()
+    args = parser.parse_args()
     try:
-        main(parser.parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line (CheckpointError is a ValueError)
+        main(args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"\ntrain.py: {interrupted(args)}\n")
+    except (ValueError, OSError, FloatingPointError) as e:  # one clear line (CheckpointError is a ValueError)
         parser.exit(2, f"train.py: error: {e}\n")
