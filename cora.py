@@ -11,7 +11,8 @@ low-rank increment of the frozen weights. In the order of the paper's Methodolog
        Q <- LN(Q + CrossAttn(Q, x))        queries read the collaborative features
        Q <- LN(Q + FFN(Q))
    (post-norm BERT blocks, as the official BLIP-2 Q-Former copy). Official defaults: k=4, N=8, 8 heads,
-   width 2d, FFN 3072 (BERT's default, not scaled), dropout 0.1.
+   width 2d, FFN 3072 (BERT's default, not scaled), dropout 0.1; BERT's initialisation: every Linear N(0, 0.02)
+   with zero bias, LayerNorm 1 and 0, the queries N(0, 0.02). W_FC keeps PyTorch's Linear init, as officially.
 3. Collaborative weights.  W_c = R(q_c W_FC) W_proj  (paper Eq. for W_c), with the official order:
        a = mean_k(Q W_FC)                  W_FC: 2d -> d_model * r, pooled over the k queries ("q_c W_FC")
        ΔW_A = R(a / ||a||_2)               reshaped to (d_model x r), unit L2 norm over all d_model * r entries
@@ -82,6 +83,9 @@ class QueryGenerator(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, n_queries, width) * 0.02)  # Q^0, official N(0, 0.02)
         self.ln, self.drop = nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)  # BERT embedding LN on the queries
         self.blocks = nn.ModuleList(QueryBlock(width, n_heads, ffn_dim, dropout) for _ in range(n_blocks))
+        for m in self.modules():  # BERT's init_weights (official Q-Former): Linear N(0, 0.02), zero bias; LN 1, 0
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
 
     def forward(self, x):                                                      # x (B, 1, 2d)
         q = self.drop(self.ln(self.queries)).expand(len(x), -1, -1)            # (B, k, 2d)

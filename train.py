@@ -246,19 +246,23 @@ def cf_checkpoint(data_name, method, out="runs", data_root=None, seed=2023, ds=N
 
 # ----------------------------------------------------------------------------- LLM methods: TALLRec, CoLLM, CoRA
 
-# Official hyper-parameters (../shared/docs/method-details.md): CoLLM train_configs/collm_pretrain_mf_ood.yaml
-# (lr 1e-3 -> min 8e-5 cosine, warmup 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every 50 iterations, stop
-# after 20 evaluations without gain); CoRA plora_pretrain_mf_ood_movie.yaml (same schedule, batch 8, valid every
-# 100, r=16, alpha=32, q/k/v/o). Toy runs shrink the schedule to fit in minutes.
+# Official hyper-parameters. CoLLM train_configs/collm_pretrain_mf_ood.yaml (TALLRec = its step 1, and CoLLM): lr 1e-3
+# -> min 8e-5 cosine, warm-up 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every 50 iterations, max_epoch 200 x
+# iters_per_epoch 50 = 10k iterations (the cosine's horizon), stop after 20 evaluations without gain, no clipping.
+# CoRA plora_pretrain_mf_ood_movie.yaml: the same schedule with batch 8, valid every 100, 1000 x 100 = 100k
+# iterations, r 16, alpha 32, q/k/v/o; plora_pretrain_{lgcn,sasrec}_movie.yaml: r 64, alpha 128, batch 16, 200 x 50.
+# An official "epoch" is iters_per_epoch iterations, not a pass over the data: no pass limit (epochs 0) here either.
 LLM_METHODS = ("tallrec", "collm", "cora")
-LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=2, accum=1, clip=1.0,
+LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=0, accum=1, clip=0.0,
                 eval_batch_size=32)
 LLM_DEFAULTS = {
-    "tallrec": dict(lr=1e-3, batch_size=32, eval_every=50),
-    "collm": dict(lr=1e-3, batch_size=32, eval_every=50),
-    "cora": dict(lr=1e-3, batch_size=8, eval_every=100),
+    "tallrec": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000),
+    "collm": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000),
+    "cora": dict(lr=1e-3, batch_size=8, eval_every=100, max_steps=100_000),
+    "cora-lightgcn": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
+    "cora-sasrec": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
 }
-TOY_LLM = dict(epochs=4, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
+TOY_LLM = dict(epochs=4, max_steps=0, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
 
 
 def toy_llm(ds, out):
@@ -441,6 +445,35 @@ def run_llm(args):
         return _run_llm(args)
 
 
+HISTORY = ("step", "epoch", "lr", "train_loss", "grad_norm", "valid_auc", "valid_uauc", "train_examples_per_s")
+
+
+def history_tsv(rows, header=True):
+    """The rows of a run's history.tsv: one per validation; train loss and gradient norm are means since the last."""
+    fmt = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+    lines = ["\t".join(HISTORY)] * header + ["\t".join(fmt(r[k]) for k in HISTORY) for r in rows]
+    return "".join(line + "\n" for line in lines)
+
+
+def learning_curve(rows, width=40, most=12):
+    """A few lines of text: valid AUC (bar) and mean train loss at up to `most` evenly spaced validations."""
+    if not rows:
+        return "learning curve: no validation ran"
+    pick = sorted({round(i * (len(rows) - 1) / max(1, most - 1)) for i in range(min(most, len(rows)))})
+    aucs = [rows[i]["valid_auc"] for i in pick]
+    lo, hi = min(aucs), max(aucs)
+    lines = [f"learning curve (history.tsv): valid AUC {lo:.4f} .. {hi:.4f}"]
+    for i, auc in zip(pick, aucs):
+        bar = "#" * (1 + round((width - 1) * (auc - lo) / (hi - lo or 1)))
+        lines.append(f"  step {rows[i]['step']:>6}  loss {rows[i]['train_loss']:.4f}  valid auc {auc:.4f} {bar}")
+    return "\n".join(lines)
+
+
+def seen_rows(c, args):
+    """Train rows consumed so far (over every process), for the history's epoch column."""
+    return c["step"] * args.batch_size * args.accum
+
+
 def _run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -483,9 +516,10 @@ def _run_llm(args):
         net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
                                       broadcast_buffers=False)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr)
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr,
+                            fused=True)  # one kernel over every tensor (CPU and CUDA): the same update, faster
     steps_per_epoch = math.ceil(len(splits["train"]) / args.batch_size / args.accum)
-    total = args.max_steps or args.epochs * steps_per_epoch
+    total = min(n for n in (args.max_steps, args.epochs * steps_per_epoch) if n)  # also the cosine's horizon
 
     def lr_at(step):  # linear warm-up from warmup_lr, then cosine to min_lr (CoLLM's linear_warmup_cosine_lr)
         if step < args.warmup:
@@ -494,15 +528,20 @@ def _run_llm(args):
 
     # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch
     best, c = None, dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0)
+    history = []  # one row per validation (HISTORY columns); kept in the checkpoint, so --resume continues it exactly
     if args.resume:
         best, meta = load_state(state_path, model, opt, args)
-        c = {k: meta[k] for k in c}
+        c, history = {k: meta[k] for k in c}, meta.get("history", [])
         log(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
+    running = os.path.join(out, "history.running.tsv")  # the finished run's history.tsv stays whole until commit
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        data.atomic_write(running, history_tsv(history))
     log(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
         f"{total} steps of {args.batch_size}x{args.accum}, {device} {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
     seqs, slots = enc["train"]
     tl, seen, skipped, out_of_time = time.time(), 0, 0, False
-    os.makedirs(out, exist_ok=True)
+    since = dict(loss=0.0, norm=0.0, steps=0, rows=0, t=time.time())  # training since the last validation
     while c["step"] < total and c["bad"] < args.patience and not out_of_time:
         groups = collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + c["epoch_start"])
         for group in groups[c["pos"]:]:
@@ -542,9 +581,12 @@ def _run_llm(args):
             skipped = 0
             c["step"], c["pos"], seen = c["step"] + 1, c["pos"] + 1, seen + len(group)
             step = c["step"]
+            since.update(loss=since["loss"] + loss_sum, norm=since["norm"] + norm.item(), steps=since["steps"] + 1,
+                         rows=since["rows"] + len(group))
             out_of_time = bool(args.max_minutes) and time.time() - tl > 60 * args.max_minutes
             evaluate = step % args.eval_every == 0 or step == total or out_of_time
             if evaluate:
+                rate_train = since["rows"] / (time.time() - since["t"])
                 valid = cf.evaluate(splits["valid"], predict(model, *enc["valid"], splits["valid"], args.eval_batch_size, device))
                 if valid["auc"] > c["best_auc"]:
                     c["best_auc"], c["bad"] = valid["auc"], 0
@@ -552,11 +594,19 @@ def _run_llm(args):
                 else:
                     c["bad"] += 1
                 rate = seen / (time.time() - tl)
-                log(f"step {step}/{total} loss {loss_sum:.4f} lr {lr_at(step):.2e} valid auc {valid['auc']:.4f} "
-                      f"uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | {rate:.1f} ex/s, "
-                      f"eta {(total - step) * len(group) / rate / 60:.1f} min")
+                history.append(dict(step=step, epoch=round(seen_rows(c, args) / len(splits["train"]), 4),
+                                    lr=lr_at(step - 1), train_loss=since["loss"] / since["steps"],
+                                    grad_norm=since["norm"] / since["steps"], valid_auc=valid["auc"],
+                                    valid_uauc=valid["uauc"], train_examples_per_s=rate_train))
+                if rank == 0:
+                    with open(running, "a", encoding="utf-8") as f:
+                        f.write(history_tsv(history[-1:], header=False))
+                since = dict(loss=0.0, norm=0.0, steps=0, rows=0, t=time.time())
+                log(f"step {step}/{total} loss {history[-1]['train_loss']:.4f} lr {lr_at(step):.2e} valid auc "
+                    f"{valid['auc']:.4f} uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | "
+                    f"train {rate_train:.1f} ex/s, eta {(total - step) * len(group) / rate / 60:.1f} min")
             if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
-                save_state(state_path, model, opt, best, {**c, "args": vars(args)})
+                save_state(state_path, model, opt, best, {**c, "args": vars(args), "history": history})
             if step >= total or c["bad"] >= args.patience or out_of_time:
                 break
         else:  # the epoch ran out: the next one starts here, with its own batch order
@@ -574,9 +624,12 @@ def _run_llm(args):
     if rank > 0:
         return result
     weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()})
-    commit_run(out, {"trainable.safetensors": weights}, predictions_tsv(splits["test"], scores), result)
-    if os.path.isfile(state_path):
-        os.remove(state_path)  # the run is complete: trainable.safetensors + results.json are what it leaves
+    commit_run(out, {"trainable.safetensors": weights, "history.tsv": history_tsv(history).encode()},
+               predictions_tsv(splits["test"], scores), result)
+    for path in (state_path, running):  # the run is complete: weights, history, predictions and results remain
+        if os.path.isfile(path):
+            os.remove(path)
+    log(learning_curve(history))
     table = markdown_table(args.method, {"test": test}, result["wall_time_s"])
     cf_dir = run_dir(args.out, args.data, args.cf)
     cf_run = finished(cf_dir, "cf.safetensors")
@@ -952,10 +1005,13 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
 
 def fill_llm_defaults(args):
     """The official schedule (LLM_BASE, LLM_DEFAULTS; TOY_LLM for the toy LLM) for every option left unset."""
-    defaults = {**LLM_BASE, **LLM_DEFAULTS[args.method], **(TOY_LLM if args.data == "toy" and not args.llm else {})}
+    own = LLM_DEFAULTS.get(f"{args.method}-{args.cf}", LLM_DEFAULTS[args.method])  # CoRA-LGCN / -SAS: their own
+    defaults = {**LLM_BASE, **own, **(TOY_LLM if args.data == "toy" and not args.llm else {})}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if not (args.max_steps or args.epochs):
+        raise ValueError("--max-steps 0 with --epochs 0 sets no end to training: give either a positive value")
     if args.cf_norm is None:
         args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
     r, alpha = (16, 32.0) if args.method == "cora" else (8, 16.0)  # rank and scaling: CoRA's, TALLRec/CoLLM's LoRA
@@ -1023,6 +1079,8 @@ def main(args):
     if os.environ.get("WORLD_SIZE", "1") != "1" and not dist.is_initialized():  # launched by torchrun
         init_distributed(args)
     if args.method in CF_METHODS:
+        if args.epochs == 0:
+            raise ValueError("--epochs 0: a CF model trains for at least one epoch (0 means no limit for LLM methods)")
         torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
         return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
     if args.llm and not os.path.isfile(os.path.join(args.llm, "config.json")):
@@ -1076,7 +1134,7 @@ def cli():
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
     parser.add_argument("--out", default="runs")
     parser.add_argument("--seed", type=at_least(0, below=2 ** 63), default=2023)
-    parser.add_argument("--epochs", type=natural)
+    parser.add_argument("--epochs", type=zero_off, help="passes over the train rows at most (LLM methods: 0 = no limit)")
     parser.add_argument("--lr", type=positive)
     parser.add_argument("--wd", type=nonneg)
     parser.add_argument("--dim", type=natural, help="CF embedding size")
@@ -1106,7 +1164,7 @@ def cli():
     g.add_argument("--warmup-lr", type=nonneg, help="learning rate at step 0 of the warm-up")
     g.add_argument("--min-lr", type=nonneg, help="learning rate at the end of the cosine decay")
     g.add_argument("--clip", type=nonneg, help="gradient-norm clipping (0 = none)")
-    g.add_argument("--max-steps", type=zero_off, default=0, help="stop after this many steps (0 = epochs)")
+    g.add_argument("--max-steps", type=zero_off, help="optimizer steps at most, the cosine's horizon (0: --epochs)")
     g.add_argument("--max-minutes", type=nonneg, default=0, help="stop training (validate, then test) after this long")
     g.add_argument("--train-limit", type=zero_off, default=0, help="train on a seeded random subset of this many rows")
     g.add_argument("--valid-limit", type=zero_off, default=0, help="validate on a seeded subset of this many rows")
