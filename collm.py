@@ -34,7 +34,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 from cf import MAX_HISTORY, history_ids

@@ -22,7 +22,15 @@ Deliberate choices:
   (cumsum - 1), so every row's real tokens sit at positions 0..n-1 exactly as if run alone, and the last
   column is every row's last prompt token: Yes/No scoring reads h[:, -1] without gathering.
 - Padded query rows may attend to themselves (the diagonal is always open). Their outputs are never read,
-  but a fully masked row would make SDPA return NaN, and NaN * 0 in the next layer's attention is NaN.
+  but a fully masked row would make the softmax return NaN, and NaN * 0 in the next layer's attention is NaN.
+- Attention is explicit matmuls (`attend`) with an additive 0/-inf bias, query heads grouped onto their key head
+  by a view: on CPU faster than SDPA with a mask, forward and backward (tested equal to masked SDPA).
+- With last_only the last layer runs only the last position's query, o_proj and MLP: nothing else is read.
+- Precision: the weights are stored in the dtype they are loaded in (bf16 for speed on CUDA and AMX CPUs, no
+  autocast); the normalisation runs in fp32 and the Yes/No logits (token_ids) are computed in fp32. The delta
+  factors stay the caller's fp32 parameters and are cast where they meet x.
+- The delta path's dropout (LoRA / CoRA) draws one mask per input (q, k, v share one, gate and up another),
+  from 16-bit random numbers (`fast_dropout`): on CPU the random numbers were most of dropout's cost.
 - RoPE cos/sin are computed from per-row position ids on the fly (no cache): it is (B, T, head_dim/2) work.
 - `generate` is greedy without a KV cache: it is for sanity checks and teaching, not serving.
 - Loading reads the safetensors headers first (sizes, dtypes, offsets, key set, shapes) and names every
@@ -35,7 +43,6 @@ Deliberate choices:
 
 Run `python llama.py --ckpt DIR --prompt "..."` to generate; `python train.py --bench` times training steps.
 """
-import contextlib
 import functools
 import itertools
 import json
@@ -389,41 +396,6 @@ def compile_blocks(model, backend="inductor"):
     for layer in model.layers:
         layer.compile(dynamic=True, backend=backend)
     return model
-
-
-# ----------------------------------------------------------------------------- language-model scores (paper Fig. 1)
-
-@torch.no_grad()
-def perplexity(model, tok, text, window=256, max_tokens=4096, batch=4, deltas=None):
-    """exp(mean next-token NLL) over the first max_tokens tokens of text, in independent windows."""
-    ids = tok.encode(text, bos=False)[: max_tokens + 1]
-    n = (len(ids) - 1) // window
-    if n == 0:
-        raise ValueError(f"perplexity needs more than {window} tokens of text, got {len(ids)}")
-    x = torch.tensor(ids[: n * window + 1], device=model.embed_tokens.weight.device)
-    inputs, targets = x[:-1].view(n, window), x[1:].view(n, window)      # (n, window) each
-    nll = 0.0
-    for i in range(0, n, batch):
-        logits = model(inputs[i:i + batch], deltas=deltas).float()      # (b, window, V)
-        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + batch].flatten(), reduction="sum").item()
-    return math.exp(nll / (n * window))
-
-
-@torch.no_grad()
-def answer_logprob(model, tok, prompts, answers, deltas=None, per_token=False):
-    """log P(answer | prompt), summed over the answer's tokens (per_token: averaged), for each pair: (N,)."""
-    seqs, n_answer = [], []
-    for p, a in zip(prompts, answers):
-        head, full = tok.encode(p), tok.encode(p + a)
-        full = full if full[:len(head)] == head and len(full) > len(head) else head + tok.encode(a, bos=False)
-        if len(full) == len(head):
-            raise ValueError(f"answer {a!r} to {p!r} has no tokens")
-        seqs.append(full)
-        n_answer.append(len(full) - len(head))
-    tokens, mask = tok.batch(seqs, model.embed_tokens.weight.device)   # left padded: answers end every row
-    logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
-    lp = torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
-    return lp / torch.tensor(n_answer, device=lp.device) if per_token else lp
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -26,6 +26,7 @@ import collm
 import cora
 import data
 import llama
+import train
 from llama import CheckpointError, Llama, ModelArgs, Tokenizer, load_llama, save_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1003,7 +1004,6 @@ def test_mf_and_lightgcn_learn_on_toy_deterministically():
 
 def test_toy_mf_reproduces_the_readme_figure(tmp_path):
     """The README's toy MF row (test AUC 0.6559, UAUC 0.6728): pins the RNG order of CF initialisation."""
-    import train
     with _OneThread():
         _, res = train.run_cf("toy", "mf", str(tmp_path), log=lambda *a: None)
     assert abs(res["test"]["auc"] - 0.6559) < 1e-4 and abs(res["test"]["uauc"] - 0.6728) < 1e-4, res["test"]
@@ -1071,10 +1071,12 @@ def _cora(weight_types="qkvo", std=0.3, seed=0):
     torch.manual_seed(seed)
     m = cora.CoRA(llm, None, [5, 7], FakeCF(), weight_types=weight_types, r=4, alpha=8, n_blocks=2, n_heads=2,
                   ffn_dim=24, gen_dropout=0.0, delta_dropout=0.0).eval()
-    if std:  # large, non-zero W_proj so that W_c matters
-        with torch.no_grad():
+    if std:  # large, non-zero W_proj so that W_c matters; a generator whose output clearly depends on its input
+        with torch.no_grad():  # (the official BERT init, N(0, 0.02), makes the queries nearly the same at step 0)
             for p in m.proj.values():
                 p.normal_(0, std)
+            for lin in (x for x in m.generator.modules() if isinstance(x, torch.nn.Linear)):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
             m.fc.weight.mul_(30)
     return m
 
@@ -1143,7 +1145,6 @@ def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
 
 
 def test_cf_norm_default_is_standard_for_sasrec_only():
-    import train
     for method, cf_name, flag, want in [
             ("cora", "mf", [], "none"), ("cora", "lightgcn", [], "none"), ("cora", "sasrec", [], "standard"),
             ("collm", "sasrec", [], "standard"), ("collm", "mf", [], "none"), ("tallrec", "sasrec", [], "none"),
@@ -1265,7 +1266,6 @@ def test_toy_end_to_end_cora_learns_in_bf16_as_in_fp32_and_collm_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_llm(tmp_path_factory):
-    import train
     return train.toy_llm(data.make_toy(), str(tmp_path_factory.mktemp("toy-llm")))
 
 
@@ -1333,14 +1333,12 @@ def _state(tmp, what):
 
 def _seal(folder, weights, **result):
     """Make folder a finished run around the weights file it holds (train.commit_run), as a test fixture."""
-    import train
     blob = open(os.path.join(folder, weights), "rb").read()
     train.commit_run(str(folder), {weights: blob}, "uid\tiid\tlabel\tscore\n", {"args": {}, **result})
 
 
 def _cf_ckpt(tmp, what, llm=None):
     """runs/toy/mf holding a CF checkpoint that is damaged, foreign, unsealed or mixed; or a CoLLM step 1 that is."""
-    import train
     path = str(tmp / "toy" / "mf" / "cf.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     toy = data.make_toy()
@@ -1369,7 +1367,6 @@ def _cf_ckpt(tmp, what, llm=None):
 @functools.lru_cache
 def _finished(llm):
     """One finished 2-step TALLRec run on the toy LLM, made once beside it; cases damage copies of it."""
-    import train
     out = os.path.join(os.path.dirname(llm), "finished")
     train.main(train.cli().parse_args(["--method", "tallrec", "--out", out, "--llm", llm, "--max-steps", "2",
                                        "--threads", "1", "--train-limit", "64", "--valid-limit", "50",
@@ -1517,7 +1514,6 @@ def test_bad_input_one_clear_error_nothing_left_behind(tmp_path, toy_llm, capsys
     """One clear error before any work: its class, a one-line message naming the argument or file, exit code 2
     from argparse; and every file already there (finished runs included) untouched, no new results, weights,
     predictions or temporary file."""
-    import train
     _, setup, error, text = case
     argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "2", "--threads", "1"]
     with mock.patch.dict(os.environ):
@@ -1569,7 +1565,6 @@ def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp
 
 
 def train_hist_columns():
-    import train
     return train.HISTORY
 
 
@@ -1577,7 +1572,6 @@ def test_schedule_official_horizon_no_clipping_and_generator_init():
     """The official recipe: the cosine spans max_epoch x iters_per_epoch (CoRA 100k steps, TALLRec/CoLLM 10k), so the
     LR stays near init_lr for the steps a run really takes; no gradient clipping; the Q-Former's Linear layers drawn
     N(0, 0.02) with zero biases (BERT's init), W_FC left at PyTorch's default."""
-    import train
     parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args([*argv, "--llm", "x", "--data", "ml-1m"]))
     a, t, s = parse("--method", "cora"), parse("--method", "tallrec"), parse("--method", "cora", "--cf", "sasrec")
     assert (a.max_steps, a.epochs, a.clip, a.batch_size, a.eval_every, a.r) == (100_000, 0, 0.0, 8, 100, 16)
@@ -1604,7 +1598,6 @@ def test_lr_by_step_follows_the_official_cosine(tmp_path, toy_llm):
 def test_given_numbers_are_kept_and_zero_switches_limits_off():
     """A value the user gives is never replaced by a default (the old `args.r or 8`); 0 is accepted where it means
     "no limit" (--clip, --max-steps, --*-limit, --warmup) and refused elsewhere (the table above)."""
-    import train
     parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args(["--method", "cora", *argv]))
     a = parse("--r", "4", "--clip", "0", "--max-steps", "0", "--train-limit", "0", "--warmup", "0")
     assert (a.r, a.alpha, a.clip, a.max_steps, a.train_limit, a.warmup) == (4, 32.0, 0.0, 0, 0, 0)
@@ -1617,7 +1610,6 @@ def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy
     the finished run's files are byte for byte as they were and --reuse's check still accepts them; the printed
     command then finishes the re-run, which replaces the old run whole."""
     import signal
-    import train
     common = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
               "50", "--clip", "0"]
     first = common + ["--out", str(tmp_path), "--max-steps", "2", "--threads", "1"]
@@ -1651,7 +1643,6 @@ def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys):
     """lr 1e30 blows the LoRA up after one step: the run stops at step 2 naming the last good checkpoint."""
-    import train
     argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "6", "--lr", "1e30",
             "--warmup", "0", "--ckpt-every", "1", "--eval-every", "100", "--threads", "1", "--train-limit", "64"]
     with pytest.raises(FloatingPointError) as e:
@@ -1665,7 +1656,6 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys
 # ----------------------------------------------------------------------------- the comparison in one command
 
 def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
-    import train
     common = ("--llm", toy_llm, "--max-steps", "2", "--eval-every", "2", "--batch-size", "16", "--train-limit", "64",
               "--valid-limit", "64", "--test-limit", "64")
     _train(tmp_path, "--method", "all", "--ablation", "text", *common)
@@ -1729,36 +1719,34 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
 def test_general_ability_scores_match_naive_and_zero_lora_changes_nothing(toy_llm):
     model, tok = llama.load(toy_llm)
     text = " ".join(data.prompts(data.make_toy(), "test")[:40])
-    ppl = llama.perplexity(model, tok, text, window=64, max_tokens=256, batch=3)
+    ppl = train.perplexity(model, tok, text, window=64, max_tokens=256, batch=3)
     ids = torch.tensor(tok.encode(text, bos=False)[:257])
     naive = [F.cross_entropy(model(ids[i:i + 64][None])[0], ids[i + 1:i + 65]).item() for i in range(0, 256, 64)]
     assert math.isfinite(ppl) and abs(ppl - math.exp(np.mean(naive))) < 1e-3 * ppl
     prompts, answers = ["The Haunted", "#Question: A user"], [" Harbor (1987)", " has"]
-    lp = llama.answer_logprob(model, tok, prompts, answers)
-    mean = llama.answer_logprob(model, tok, prompts, answers, per_token=True)
+    lp = train.answer_logprob(model, tok, prompts, answers)
+    mean = train.answer_logprob(model, tok, prompts, answers, per_token=True)
     for p, a, got, got_mean in zip(prompts, answers, lp, mean):
         head, full = tok.encode(p), tok.encode(p + a)
         logp = model(torch.tensor([full])).log_softmax(-1)[0]
         want = sum(logp[t - 1, full[t]].item() for t in range(len(head), len(full)))
         assert abs(got.item() - want) < 1e-4 and abs(got_mean.item() - want / (len(full) - len(head))) < 1e-4
     lora = collm.LoRA(model.args, r=4, alpha=8, targets=("q", "v", "down")).deltas()  # B = 0: the base LLM exactly
-    assert llama.perplexity(model, tok, text, window=64, max_tokens=256, batch=3, deltas=lora) == ppl
-    assert torch.equal(llama.answer_logprob(model, tok, prompts, answers, deltas=lora), lp)
+    assert train.perplexity(model, tok, text, window=64, max_tokens=256, batch=3, deltas=lora) == ppl
+    assert torch.equal(train.answer_logprob(model, tok, prompts, answers, deltas=lora), lp)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SMOL, "model.safetensors")), reason=f"no SmolLM2 in {SMOL}")
 def test_smollm2_cloze_accuracy_clearly_above_chance():
-    import train
     model, tok = llama.load(SMOL)
     rows = [l.rstrip("\n").split("\t") for l in open(train.CLOZE, encoding="utf-8")][1:]
     assert len(rows) >= 50 and all(len(r) == 3 and r[1] != r[2] for r in rows)
     p, right, wrong = zip(*rows)
-    acc = (llama.answer_logprob(model, tok, p, right) > llama.answer_logprob(model, tok, p, wrong)).float().mean()
+    acc = (train.answer_logprob(model, tok, p, right) > train.answer_logprob(model, tok, p, wrong)).float().mean()
     assert acc > 0.85, acc  # 63 of 65 measured
 
 
 def test_eval_general_rebuilds_trained_runs(tmp_path, toy_llm, capsys):
-    import train
     text = tmp_path / "text.txt"
     text.write_text(" ".join(data.prompts(data.make_toy(), "valid")[:30]))
     base = ["--out", str(tmp_path), "--llm", toy_llm, "--threads", "1"]
@@ -1786,7 +1774,6 @@ def test_generate_with_embeds_and_deltas_matches_step_by_step(toy_llm):
 
 
 def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
-    import train
     base = ["--out", str(tmp_path), "--llm", toy_llm, "--threads", "1"]
     for method in ("collm", "cora"):  # collm trains its TALLRec step 1 first
         train.main(train.cli().parse_args(base + ["--method", method, "--max-steps", "3", "--eval-every", "3",

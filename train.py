@@ -4,7 +4,7 @@ train.py: one command for every method of the comparison.
     python train.py --method mf|lightgcn|sasrec [--data toy|ml-1m|amazon-book]  CF pretraining (CoLLM's baselines)
     python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
     python train.py --method all [--seeds 3] [--lgcn] [--data ...] [--llm DIR]  the whole comparison, one table
-    python train.py --bench [--data ml-1m --llm DIR]                          CoRA vs shared LoRA step time/memory
+    python train.py --bench [--data ml-1m --llm DIR]            shared LoRA vs CoRA, fp32 vs bf16: time, memory
     python train.py --eval-general|--generate --llm DIR --adapter RUN ...     the paper's Fig. 1 / Fig. 2 analyses
     torchrun --nproc_per_node N train.py --method tallrec|collm|cora ...      DDP over the trainable parameters
 
@@ -28,21 +28,20 @@ architecture, weight dtypes, NaN/inf), every prompt against the LLM's positions,
 Torchrun variables left in a shell without torchrun are refused. Ctrl-C exits with code 130, naming the last
 checkpoint and the command that resumes from it.
 
-The LLM training loop (run_llm) is CoLLM's runner, flattened: AdamW on the trainable parameters (weight decay on
-matrices only), linear warm-up then cosine decay, gradient accumulation, grad-norm clipping, validation every
---eval-every steps, early stopping on valid AUC after --patience validations without gain, test metrics of the
-best state. --train-limit / --valid-limit / --test-limit take seeded subsets for CPU-sized runs. It saves a
-resumable state.safetensors (save_state) every --ckpt-every steps; --resume continues bit-exactly; a NaN/inf loss
-or gradient stops the run naming the step and that checkpoint. --dtype auto keeps the frozen LLM in bf16 on CUDA
-and on CPUs with native bf16 (llama.resolve_dtype).
+The LLM training loop (_run_llm) is CoLLM's runner, flattened: fused AdamW on the trainable parameters (weight
+decay on matrices only), linear warm-up then a cosine over --max-steps (the official max_epoch x iters_per_epoch,
+so the LR stays near init_lr while early stopping ends the run), gradient accumulation, optional clipping (--clip;
+none by default, as officially), validation every --eval-every steps, early stopping on valid AUC after --patience
+validations without gain, test metrics of the best state. Every validation appends a row to history.tsv (HISTORY);
+the run prints a learning curve at the end. --train-limit / --valid-limit / --test-limit take seeded subsets for
+CPU-sized runs. It saves a resumable state.safetensors (save_state, the history included) every --ckpt-every steps;
+--resume continues bit-exactly; a NaN/inf loss or gradient stops the run naming the step and that checkpoint.
+--dtype auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16 (llama.resolve_dtype); trainable
+weights, optimizer state, logits and loss are fp32 whatever it is.
 
-CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M
-MF a setting tuned on VALID AUC only, because the official one (d 256, lr 1e-3, wd 1e-4, batch 1024, N(0, 1)
-init) gave test AUC 0.6353 < 0.6486 (the paper's MF). Most of that gap was noise: rows of users/items never seen in
-train kept random embeddings; cf.py now zeroes them (its docstring). Then, valid / test AUC of d 256, lr 1e-3, batch
-1024, patience 50: wd 1e-4 N(0, 1) 0.6741 / 0.6449; wd 1e-4 0.6736 / 0.6445; wd 1.5e-4 0.6742 / 0.6492;
-wd 2e-4 0.6722 / 0.6471; wd 3e-4 0.6590 / 0.6378 (init N(0, 0.1) unless said); wd 2e-4 with d 128 0.6717 / 0.6466,
-d 64 0.6711 / 0.6466, lr 3e-3 0.6704 / 0.6449. Chosen by valid: wd 1.5e-4, init N(0, 0.1) (test AUC 0.6492).
+CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M MF
+wd 1.5e-4 with init N(0, 0.1), chosen on valid AUC (valid / test 0.6742 / 0.6492; the official wd 1e-4, N(0, 1):
+0.6741 / 0.6449).
 """
 import argparse
 import contextlib
@@ -527,11 +526,12 @@ def _run_llm(args):
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
 
     # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch
-    best, c = None, dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0)
+    # and the sums of train loss and gradient norm over the steps since the last validation (for history.tsv)
+    best, c = None, dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0)
     history = []  # one row per validation (HISTORY columns); kept in the checkpoint, so --resume continues it exactly
     if args.resume:
         best, meta = load_state(state_path, model, opt, args)
-        c, history = {k: meta[k] for k in c}, meta.get("history", [])
+        c, history = {**c, **{k: meta[k] for k in c if k in meta}}, meta.get("history", [])
         log(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
     running = os.path.join(out, "history.running.tsv")  # the finished run's history.tsv stays whole until commit
     if rank == 0:
@@ -541,7 +541,7 @@ def _run_llm(args):
         f"{total} steps of {args.batch_size}x{args.accum}, {device} {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
     seqs, slots = enc["train"]
     tl, seen, skipped, out_of_time = time.time(), 0, 0, False
-    since = dict(loss=0.0, norm=0.0, steps=0, rows=0, t=time.time())  # training since the last validation
+    since = dict(rows=0, t=time.time())  # train rows and time since the last validation (or resume): throughput
     while c["step"] < total and c["bad"] < args.patience and not out_of_time:
         groups = collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + c["epoch_start"])
         for group in groups[c["pos"]:]:
@@ -581,8 +581,8 @@ def _run_llm(args):
             skipped = 0
             c["step"], c["pos"], seen = c["step"] + 1, c["pos"] + 1, seen + len(group)
             step = c["step"]
-            since.update(loss=since["loss"] + loss_sum, norm=since["norm"] + norm.item(), steps=since["steps"] + 1,
-                         rows=since["rows"] + len(group))
+            c.update(loss_sum=c["loss_sum"] + loss_sum, norm_sum=c["norm_sum"] + norm.item(), since=c["since"] + 1)
+            since["rows"] += len(group)
             out_of_time = bool(args.max_minutes) and time.time() - tl > 60 * args.max_minutes
             evaluate = step % args.eval_every == 0 or step == total or out_of_time
             if evaluate:
@@ -595,13 +595,14 @@ def _run_llm(args):
                     c["bad"] += 1
                 rate = seen / (time.time() - tl)
                 history.append(dict(step=step, epoch=round(seen_rows(c, args) / len(splits["train"]), 4),
-                                    lr=lr_at(step - 1), train_loss=since["loss"] / since["steps"],
-                                    grad_norm=since["norm"] / since["steps"], valid_auc=valid["auc"],
+                                    lr=lr_at(step - 1), train_loss=c["loss_sum"] / c["since"],
+                                    grad_norm=c["norm_sum"] / c["since"], valid_auc=valid["auc"],
                                     valid_uauc=valid["uauc"], train_examples_per_s=rate_train))
                 if rank == 0:
                     with open(running, "a", encoding="utf-8") as f:
                         f.write(history_tsv(history[-1:], header=False))
-                since = dict(loss=0.0, norm=0.0, steps=0, rows=0, t=time.time())
+                c.update(loss_sum=0.0, norm_sum=0.0, since=0)
+                since = dict(rows=0, t=time.time())
                 log(f"step {step}/{total} loss {history[-1]['train_loss']:.4f} lr {lr_at(step):.2e} valid auc "
                     f"{valid['auc']:.4f} uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | "
                     f"train {rate_train:.1f} ex/s, eta {(total - step) * len(group) / rate / 60:.1f} min")
@@ -640,12 +641,17 @@ def _run_llm(args):
     return result
 
 
-def peak_memory_mb():
-    """This process's peak memory so far: the CUDA allocator's on GPU, the maximum RSS on CPU."""
+def peak_memory_mb(reset=False):
+    """This process's peak memory so far: the CUDA allocator's on GPU, the peak resident set (VmHWM) on CPU. reset:
+    start the peak again from now (a child's maximum RSS otherwise starts from its parent's)."""
     if llama.DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats() if reset else None
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident set size to the current one
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def bench_batch(args, ds):
@@ -726,7 +732,30 @@ def bench(args, reps=3):
     if len(dtypes) == 2:
         for k in steps:
             print(f"bf16 / fp32 {k}: {res[('fp32', k)][0] / res[('bf16', k)][0]:.2f}x faster")
+    bench_merge(B, b["tokens"].shape[1], reps=reps)
     return res
+
+
+def bench_merge(B, T, d=2048, r=8, reps=3):
+    """One d x d projection with per-example rank-r increments: the delta path x W^T + (x A_b^T) B_b^T against the
+    materialised merge bmm(x, (W + B_b A_b)^T), forward and with gradients to A and B (fp32)."""
+    x, W = torch.randn(B, T, d, device=llama.DEVICE), torch.randn(d, d, device=llama.DEVICE) / d ** 0.5
+    A = (torch.randn(B, r, d, device=llama.DEVICE) / d ** 0.5).requires_grad_()
+    Bf = (torch.randn(B, d, r, device=llama.DEVICE) / r ** 0.5).requires_grad_()
+    ways = {"delta path": lambda: F.linear(x, W) + (x @ A.mT) @ Bf.mT,
+            "materialised merge": lambda: torch.bmm(x, (W + Bf @ A).mT)}            # (B, d, d) per example
+    sec = {}
+    for mode in ("forward", "train"):
+        for name, f in ways.items():
+            step = torch.no_grad()(f) if mode == "forward" else lambda f=f: f().square().mean().backward()
+            step()
+            t = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sec[mode, name] = (time.perf_counter() - t) / reps
+        print(f"per-example delta vs materialised merge, {mode} (d {d}, r {r}, batch {B} x {T}): "
+              f"{sec[mode, 'delta path'] * 1e3:.1f} vs {sec[mode, 'materialised merge'] * 1e3:.1f} ms, "
+              f"{sec[mode, 'materialised merge'] / sec[mode, 'delta path']:.1f}x faster")
 
 
 def bench_case(args):
@@ -734,7 +763,7 @@ def bench_case(args):
     ds = data.load_dataset(args.data, args.data_root)
     method = args.bench_case.rsplit(" ", 1)[0]
     step = bench_steps(args, llama.resolve_dtype(args.dtype), ds, bench_batch(args, ds), method)[args.bench_case]
-    base = peak_memory_mb()
+    base = peak_memory_mb(reset=True)
     step(), step()
     print(peak_memory_mb() - base)
 
@@ -879,6 +908,39 @@ CLOZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cloze.tsv")  #
 PPL_WINDOW = 256  # tokens per perplexity window
 
 
+@torch.no_grad()
+def perplexity(model, tok, text, window=PPL_WINDOW, max_tokens=4096, batch=4, deltas=None):
+    """exp(mean next-token NLL) over the first max_tokens tokens of text, in independent windows."""
+    ids = tok.encode(text, bos=False)[: max_tokens + 1]
+    n = (len(ids) - 1) // window
+    if n == 0:
+        raise ValueError(f"perplexity needs more than {window} tokens of text, got {len(ids)}")
+    x = torch.tensor(ids[: n * window + 1], device=model.embed_tokens.weight.device)
+    inputs, targets = x[:-1].view(n, window), x[1:].view(n, window)      # (n, window) each
+    nll = 0.0
+    for i in range(0, n, batch):
+        logits = model(inputs[i:i + batch], deltas=deltas).float()      # (b, window, V)
+        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + batch].flatten(), reduction="sum").item()
+    return math.exp(nll / (n * window))
+
+
+@torch.no_grad()
+def answer_logprob(model, tok, prompts, answers, deltas=None, per_token=False):
+    """log P(answer | prompt), summed over the answer's tokens (per_token: averaged), for each pair: (N,)."""
+    seqs, n_answer = [], []
+    for p, a in zip(prompts, answers):
+        head, full = tok.encode(p), tok.encode(p + a)
+        full = full if full[:len(head)] == head and len(full) > len(head) else head + tok.encode(a, bos=False)
+        if len(full) == len(head):
+            raise ValueError(f"answer {a!r} to {p!r} has no tokens")
+        seqs.append(full)
+        n_answer.append(len(full) - len(head))
+    tokens, mask = tok.batch(seqs, model.embed_tokens.weight.device)   # left padded: answers end every row
+    logp = model(tokens, mask, deltas=deltas).float().log_softmax(-1)  # (N, T, V)
+    lp = torch.stack([logp[b, -n - 1:-1].gather(-1, tokens[b, -n:, None]).sum() for b, n in enumerate(n_answer)])
+    return lp / torch.tensor(n_answer, device=lp.device) if per_token else lp
+
+
 def load_run(run, llm, tok, folder):
     """A finished LLM run folder (check_run) rebuilt on llm, the LLM of the folder it was trained on: (its arguments,
     its dataset, the method with its trained weights)."""
@@ -926,8 +988,8 @@ def general_ability(args):
     runs = {run: load_run(run, llm, tok, args.llm) for run in args.adapter or []}  # every one checked before scoring
 
     def scores(deltas_list):
-        ppl = [llama.perplexity(llm, tok, text, window=PPL_WINDOW, deltas=d) for d in deltas_list]
-        acc = [(llama.answer_logprob(llm, tok, prompts, right, d) > llama.answer_logprob(llm, tok, prompts, wrong, d))
+        ppl = [perplexity(llm, tok, text, window=PPL_WINDOW, deltas=d) for d in deltas_list]
+        acc = [(answer_logprob(llm, tok, prompts, right, d) > answer_logprob(llm, tok, prompts, wrong, d))
                .float().mean().item() for d in deltas_list]
         return dict(perplexity=float(np.mean(ppl)), cloze_accuracy=float(np.mean(acc)))
 
@@ -989,7 +1051,7 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
         said = [k for k, text in enumerate(texts) if text.strip()]  # an empty answer has no perplexity
         row = np.full(len(texts), np.nan)  # mean NLL per token of each answer under the base LLM, given the plain question
         if said:
-            row[said] = -llama.answer_logprob(llm, tok, [q] * len(said), [texts[k] for k in said], per_token=True).cpu().numpy()
+            row[said] = -answer_logprob(llm, tok, [q] * len(said), [texts[k] for k in said], per_token=True).cpu().numpy()
         nll.append(row)
         examples.append((title, texts))
     ppl = np.exp(np.nanmean(np.array(nll), 0))
@@ -1085,7 +1147,8 @@ def main(args):
         return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
     if args.llm and not os.path.isfile(os.path.join(args.llm, "config.json")):
         raise FileNotFoundError(f"--llm {args.llm}: no such Hugging Face LLaMA folder (config.json + model.safetensors"
-                                f" + tokenizer.model); convert one as README.md shows, or omit --llm for the toy LLM")
+                                f" + tokenizer.model or tokenizer.json; README.md, Bring your own LLaMA), or omit --llm "
+                                f"for the toy LLM")
     fill_llm_defaults(args)
     try:
         return run_llm(args)
