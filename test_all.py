@@ -1595,6 +1595,12 @@ def test_lr_by_step_follows_the_official_cosine(tmp_path, toy_llm):
     assert all(lr[s] == pytest.approx(cosine(s - 1), rel=1e-5) for s in (20, 30, 40))
 
 
+def test_learning_curve_shows_first_and_last_validation():
+    rows = [dict(step=s, train_loss=0.7, valid_auc=0.5 + s / 1e4) for s in range(50, 1001, 50)]
+    lines = train.learning_curve(rows, most=6).splitlines()
+    assert len(lines) == 7 and "step     50" in lines[1] and "step   1000" in lines[-1] and lines[-1].endswith("#" * 40)
+
+
 def test_given_numbers_are_kept_and_zero_switches_limits_off():
     """A value the user gives is never replaced by a default (the old `args.r or 8`); 0 is accepted where it means
     "no limit" (--clip, --max-steps, --*-limit, --warmup) and refused elsewhere (the table above)."""

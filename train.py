@@ -458,7 +458,8 @@ def learning_curve(rows, width=40, most=12):
     """A few lines of text: valid AUC (bar) and mean train loss at up to `most` evenly spaced validations."""
     if not rows:
         return "learning curve: no validation ran"
-    pick = sorted({round(i * (len(rows) - 1) / max(1, most - 1)) for i in range(min(most, len(rows)))})
+    n = min(most, len(rows))
+    pick = sorted({round(i * (len(rows) - 1) / max(1, n - 1)) for i in range(n)})  # the first and the last included
     aucs = [rows[i]["valid_auc"] for i in pick]
     lo, hi = min(aucs), max(aucs)
     lines = [f"learning curve (history.tsv): valid AUC {lo:.4f} .. {hi:.4f}"]
@@ -853,8 +854,10 @@ def run_all(args):
     return summary
 
 
+# Settings that do not change what a run computes (accum: the same global batch in smaller micro-batches, for memory),
+# so --reuse accepts a finished run made with other values.
 RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
-               "eval_general", "generate", "adapter", "general_text", "bench", "compile"}  # do not change a run's result
+               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "accum"}
 
 
 def finished_with(path, child):
