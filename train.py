@@ -469,11 +469,6 @@ def learning_curve(rows, width=40, most=12):
     return "\n".join(lines)
 
 
-def seen_rows(c, args):
-    """Train rows consumed so far (over every process), for the history's epoch column."""
-    return c["step"] * args.batch_size * args.accum
-
-
 def _run_llm(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -595,7 +590,7 @@ def _run_llm(args):
                 else:
                     c["bad"] += 1
                 rate = seen / (time.time() - tl)
-                history.append(dict(step=step, epoch=round(seen_rows(c, args) / len(splits["train"]), 4),
+                history.append(dict(step=step, epoch=round(step * args.batch_size * args.accum / len(splits["train"]), 4),
                                     lr=lr_at(step - 1), train_loss=c["loss_sum"] / c["since"],
                                     grad_norm=c["norm_sum"] / c["since"], valid_auc=valid["auc"],
                                     valid_uauc=valid["uauc"], train_examples_per_s=rate_train))
@@ -646,7 +641,8 @@ def peak_memory_mb(reset=False):
     """This process's peak memory so far: the CUDA allocator's on GPU, the peak resident set (VmHWM) on CPU. reset:
     start the peak again from now (a child's maximum RSS otherwise starts from its parent's)."""
     if llama.DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats() if reset else None
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
         return torch.cuda.max_memory_allocated() / 2 ** 20
     if reset:
         with open("/proc/self/clear_refs", "w") as f:
@@ -655,10 +651,15 @@ def peak_memory_mb(reset=False):
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+def bench_llm(args, ds):
+    """The LLM folder --bench times: --llm, or the toy LLM built once under --out."""
+    return args.llm or toy_llm(ds, os.path.join(args.out, args.data))
+
+
 def bench_batch(args, ds):
     """A typical training batch: the --batch-size (8) train prompts among the first 40 batches' worth whose token
     lengths are nearest the median, as length bucketing would group them."""
-    B, tok = 8 if args.batch_size is None else args.batch_size, llama.Tokenizer(args.llm or toy_llm(ds, os.path.join(args.out, args.data)))
+    B, tok = 8 if args.batch_size is None else args.batch_size, llama.Tokenizer(bench_llm(args, ds))
     split = ds.train.subset(np.arange(min(len(ds.train), 40 * B)))
     seqs, _ = collm.encode_split(tok, ds, split, "tallrec")
     lengths = np.array([len(s) for s in seqs])
@@ -670,7 +671,7 @@ def bench_steps(args, dtype, ds, b, only=None):
     """{case: one call} for a shared LoRA and CoRA of equal rank and targets on the batch b: a training step
     (forward, backward, AdamW) and a forward-only scoring pass, sharing one frozen LLM stored in dtype.
     only: build that method alone ("shared LoRA" or "CoRA")."""
-    llm, tok = llama.load(args.llm or toy_llm(ds, os.path.join(args.out, args.data)), dtype, llama.DEVICE)
+    llm, tok = llama.load(bench_llm(args, ds), dtype, llama.DEVICE)
     sum(float(p.float().sum()) for p in llm.parameters())  # page the weights in before anything is timed
     llm = llama.compile_blocks(llm) if args.compile else llm  # compiled during the warm-up call
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
