@@ -33,11 +33,13 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from safetensors.torch import load_file
 
 import data
 from cf import MAX_HISTORY, history_ids
-from llama import Tokenizer, proj_dims
+from llama import Tokenizer, proj_dims, read_header
 
 
 # ----------------------------------------------------------------------------- prompts -> token ids
@@ -103,6 +105,40 @@ def collate(tok, seqs, slots, split, idx, device):
         pad = tokens.shape[1] - mask.sum(1)                                    # (B,) left padding per row
         b["slots"] = torch.as_tensor(slots[idx], device=device) + pad[:, None]  # (B, 2) user, item positions
     return b
+
+
+def rank_world():
+    """(rank, number of processes) under torchrun, else (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@torch.no_grad()
+def predict(model, seqs, slots, split, batch_size, device):
+    """(N,) scores of every row of a split; under torchrun each rank scores every world-th batch, then all gather."""
+    model.eval()
+    rank, world = rank_world()
+    mine = batches([len(s) for s in seqs], batch_size, shuffle=False)[rank::world]
+    scores = np.zeros(len(split), dtype=np.float32)
+    for idx in mine:
+        scores[idx] = model(collate(model.tok, seqs, slots, split, idx, device)).cpu().numpy()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, [(idx, scores[idx]) for idx in mine])
+        for idx, s in (pair for part in parts for pair in part):
+            scores[idx] = s
+    return scores
+
+
+def load_trained(path, expected, what):
+    """The tensors of a run's weights file, once checked to be exactly expected's {name: tensor} (every name and
+    shape); a ValueError naming the file and the first differences otherwise."""
+    found = {k: shape for k, (_, shape) in read_header(path).items()}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    if found != want:
+        diff = [f"{k}: {found.get(k, 'absent')} in the file, {want.get(k, 'absent')} here"
+                for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k)]
+        raise ValueError(f"{path} does not fit {what} ({len(diff)} tensors differ; {'; '.join(diff[:3])})")
+    return load_file(path, device=str(next(iter(expected.values())).device))
 
 
 # ----------------------------------------------------------------------------- shared pieces

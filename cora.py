@@ -64,9 +64,10 @@ class QueryBlock(nn.Module):
 
     def __init__(self, width, n_heads, ffn_dim, dropout):
         super().__init__()
-        self.self_attn, self.cross_attn = MultiHeadAttention(width, n_heads, dropout), MultiHeadAttention(width, n_heads, dropout)
+        self.self_attn = MultiHeadAttention(width, n_heads, dropout)
+        self.cross_attn = MultiHeadAttention(width, n_heads, dropout)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, width))
-        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(width, eps=1e-12), nn.LayerNorm(width, eps=1e-12), nn.LayerNorm(width, eps=1e-12)
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(width, eps=1e-12) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, q, x):
@@ -105,13 +106,15 @@ class CoRA(RecLLM):
         a, width = llm.args, 2 * cf.dim
         self.read_cf(cf)
         self.r, self.scale = r, alpha / r
-        self.targets = [(l, p) for l in (layers if layers is not None else range(a.n_layers)) for p in WEIGHT_TYPES[weight_types]]
+        layers = range(a.n_layers) if layers is None else layers
+        self.targets = [(l, p) for l in layers for p in WEIGHT_TYPES[weight_types]]
         self.generator = QueryGenerator(width, n_queries, n_blocks, n_heads, ffn_dim, gen_dropout)
         self.fc = nn.Linear(width, a.dim * r)                                  # W_FC
         self.fc_ffn = nn.Linear(width, a.hidden_dim * r) if "down" in WEIGHT_TYPES[weight_types] else None
         dims = proj_dims(a)                                                     # {proj: (d_out, d_in)}
-        self.proj = nn.ParameterDict({f"{l}_{p}": nn.Parameter(torch.zeros(dims[p][0], r)) for l, p in self.targets})  # W_proj^T, zero
-        assert not any(p.requires_grad for p in self.llm.parameters()) and not any(p.requires_grad for p in self.cf.parameters())
+        self.proj = nn.ParameterDict({f"{l}_{p}": nn.Parameter(torch.zeros(dims[p][0], r))  # W_proj^T, zero
+                                      for l, p in self.targets})
+        assert not any(p.requires_grad for p in [*self.llm.parameters(), *self.cf.parameters()])
 
     def factor(self, head, q):
         """ΔW_A^T for a batch: mean over queries, unit L2 norm, reshape. (B, k, 2d) -> (B, r, d_in)."""

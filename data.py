@@ -2,7 +2,8 @@
 
 CoRA (Liu et al., AAAI 2025, arXiv 2408.10645) reuses the data of CoLLM (arXiv 2310.19488, github.com/zyang1580/CoLLM,
 dataset/*/processing_ood.ipynb): time-ordered ("OOD") splits of (user, item, label) rows, each with the user's history
-(the items they liked before it, over all splits, oldest first). Ids start at 1; 0 is padding, counted in n_users/n_items.
+(the items they liked before it, over all splits, oldest first). Ids start at 1; 0 is padding, counted in n_users /
+n_items.
 
 load_dataset(name, root):
 - "ml-1m": the prepared TSVs (README.md next to them), or ratings.dat/movies.dat via ml1m_from_raw: 1. inner-join
@@ -33,10 +34,15 @@ Deliberate deviations from the pandas notebooks:
 - Malformed input (field count, JSON, integer, label, unknown id, an id far above the row count, a repeated
   (user, item, timestamp) row of a split, which would be scored twice) raises ValueError naming file:line.
 """
+import contextlib
+import dataclasses
+import fcntl
 import gzip
+import hashlib
 import json
 import os
-import dataclasses
+import pathlib
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +62,7 @@ TEMPLATES = {  # {items}/{item}: "movies"/"movie" or "books"/"book"; "\\n" is a 
 SPLITS = ("train", "valid", "test", "valid_small")
 TSV_COLUMNS = ("uid", "iid", "label", "timestamp", "not_cold", "title", "his")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOTS = {"ml-1m": ("CORA_ML1M", "../shared/data/ml-1m"), "amazon-book": ("CORA_BOOK", "../shared/data/amazon-book")}
+_ROOTS = {"ml-1m": ("CORA_ML1M", "data/ml-1m"), "amazon-book": ("CORA_BOOK", "data/amazon-book")}  # beside this file
 
 
 @dataclass
@@ -440,6 +446,112 @@ def atomic_write_all(files):
                 os.remove(tmp)
 
 
+# ----------------------------------------------------------------------------------------------------- run folders
+# A run folder <out>/<data>/<run> holds one finished run: its weights, predictions.tsv and results.json, which records
+# the size and SHA-256 of the other two and is renamed into place last (commit_run); every reader checks them
+# (check_run). While a run trains, only state.safetensors and history.running.tsv are written there, under an flock.
+
+def run_dir(out, data_name, run):
+    return os.path.join(out, data_name, run)
+
+
+def check_out(out):
+    """--out as a folder this process can write (created if absent), checked before any work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def run_lock(folder, wait=False):
+    """Hold folder/.lock (fcntl.flock, released when the process ends, however it ends) while a run writes the
+    folder: a second writer is refused, naming the folder and the holder's pid; with wait, it waits instead."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{folder} is in use by another run (pid {f.read().strip() or '?'}); wait for it to "
+                             f"finish or pass another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def digest(blob):
+    return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def predictions_tsv(rows, scores):
+    """uid, iid, label, score of every row: enough to recompute every metric."""
+    return "uid\tiid\tlabel\tscore\n" + "".join(f"{u}\t{i}\t{int(y)}\t{s:.6g}\n" for u, i, y, s in zip(
+        rows.uid.tolist(), rows.iid.tolist(), rows.label.tolist(), np.asarray(scores).tolist()))
+
+
+def commit_run(folder, weights, predictions, result):
+    """Make folder a finished run: its weights ({file name: bytes}), predictions.tsv and results.json (result, plus
+    the size and SHA-256 of the others), all renamed into place back to back, results.json last (atomic_write_all):
+    until then a finished run already there stays whole."""
+    files = {**weights, "predictions.tsv": predictions.encode("utf-8")}
+    result["files"] = {name: digest(blob) for name, blob in files.items()}
+    files["results.json"] = json.dumps(result, indent=2, default=str) + "\n"
+    atomic_write_all({os.path.join(folder, name): blob for name, blob in files.items()})
+
+
+def check_run(folder, weights):
+    """results.json of the finished run in folder, once its weights file and predictions.tsv are checked to be the
+    ones it records; otherwise a ValueError naming the folder and what does not match."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        busy = " (a run in progress or interrupted left state.safetensors)" * os.path.isfile(
+            os.path.join(folder, "state.safetensors"))
+        raise ValueError(f"{folder} holds no finished run: no results.json{busy}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("files"), dict) or "args" not in result:
+        raise ValueError(f"{path} is not the record of a finished run (it records no files or arguments)")
+    for name in (weights, "predictions.tsv"):
+        p = os.path.join(folder, name)
+        if not os.path.isfile(p) or digest(pathlib.Path(p).read_bytes()) != result["files"].get(name):
+            raise ValueError(f"{p} is {'missing' if not os.path.isfile(p) else 'not the file'} {path} records: the "
+                             f"folder mixes runs, or a run stopped while it committed; train it again")
+    return result
+
+
+def finished(folder, weights, log=lambda message: None):
+    """check_run's results, or None when folder holds no finished run (log gets the reason when there is one)."""
+    try:
+        return check_run(folder, weights)
+    except ValueError as e:
+        if os.path.isdir(folder):
+            log(str(e))
+        return None
+
+
+def limit(split, n, seed):
+    """A seeded random subset of n rows (kept in order), for CPU-sized runs; n=0 keeps everything."""
+    if not n or n >= len(split):
+        return split
+    return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
+
+
+def check_split(split, name, where):
+    if len(split) == 0:
+        raise ValueError(f"the {name} split of {where} is empty")
+    if not 0 < split.label.sum() < len(split):
+        raise ValueError(f"the {name} split of {where} holds only label {int(split.label[0])} rows: AUC is "
+                         f"undefined; every split needs both clicks and non-clicks")
+
+
 # ------------------------------------------------------------------------------------------------------------- toy
 
 _THEMES = {  # theme -> (adjectives, nouns); a title's words reveal its themes
@@ -495,7 +607,7 @@ def make_toy(n_users=300, n_items=200, seed=0):
 
 def load_dataset(name, root=None):
     """Load "toy", "ml-1m" or "amazon-book". root: the data folder (default: env CORA_ML1M / CORA_BOOK, else
-    ../shared/data/<name> beside this repository); TSVs are read when present, else the raw files."""
+    data/<name> beside this file); TSVs are read when present, else the raw files."""
     if name == "toy":
         return make_toy()
     if name not in _ROOTS:

@@ -8,47 +8,38 @@ The model every method of this project reads its prompts with (TALLRec, CoLLM an
     h   = h' + MLP(RMSNorm(h'))         SwiGLU: down(silu(gate(x)) * up(x))
     logits = RMSNorm(h_L) W_lm^T        W_lm tied to E when the checkpoint has no lm_head.weight
 
-Low-rank deltas (one mechanism for LoRA and CoRA). Any projection p of any layer l may carry a pair (A, B):
+Low-rank deltas, one mechanism for LoRA and CoRA: any projection p of any layer l may carry a pair (A, B),
 
     y = x W^T + (x A^T) B^T             A: (r, d_in) or (B, r, d_in),  B: (d_out, r) or (B, d_out, r)
 
-A 2-D factor is shared by the whole batch (LoRA: ΔW = B A); a 3-D factor is per example (CoRA: each example
-gets its own W_c = B_b A_b). Either way the d_out x d_in matrix W + ΔW is never built: the increment costs
-two thin matmuls, O(B T r (d_in + d_out)) instead of O(B d_in d_out) to materialise per-example weights.
-Any scaling (LoRA's alpha/r) is folded into B by the caller.
+2-D factors are shared by the batch (LoRA: ΔW = B A), 3-D ones are per example (CoRA: W_c = B_b A_b). W + ΔW is
+never built: two thin matmuls, O(B T r (d_in + d_out)). Any scaling (LoRA's alpha/r) is folded into B by the caller.
 
 Deliberate choices:
-- Left padding. `Tokenizer.batch` pads on the left and `forward` derives position ids from the mask
-  (cumsum - 1), so every row's real tokens sit at positions 0..n-1 exactly as if run alone, and the last
-  column is every row's last prompt token: Yes/No scoring reads h[:, -1] without gathering.
-- Padded query rows may attend to themselves (the diagonal is always open). Their outputs are never read,
-  but a fully masked row would make the softmax return NaN, and NaN * 0 in the next layer's attention is NaN.
-- Attention is explicit matmuls (`attend`) with an additive 0/-inf bias, query heads grouped onto their key head
-  by a view: on CPU faster than SDPA with a mask, forward and backward (tested equal to masked SDPA).
-- With last_only the last layer runs only the last position's query, o_proj and MLP: nothing else is read.
-- Precision: the weights are stored in the dtype they are loaded in (bf16 for speed on CUDA and AMX CPUs, no
-  autocast); the normalisation runs in fp32 and the Yes/No logits (token_ids) are computed in fp32. The delta
-  factors stay the caller's fp32 parameters and are cast where they meet x.
-- The delta path's dropout (LoRA / CoRA) draws one mask per input (q, k, v share one, gate and up another),
-  from 16-bit random numbers (`fast_dropout`): on CPU the random numbers were most of dropout's cost.
-- RoPE cos/sin are computed from per-row position ids on the fly (no cache): it is (B, T, head_dim/2) work.
-- `generate` is greedy without a KV cache: it is for sanity checks and teaching, not serving.
-- Loading reads the safetensors headers first (sizes, dtypes, offsets, key set, shapes) and names every
-  problem in one error before any tensor is read; the model is built on the meta device and the loaded
-  tensors are assigned in place, so the weights are never held twice. Published pytorch_model*.bin pickles are
-  not read: `python llama.py --convert DIR OUT` turns them into safetensors once (torch's weights-only unpickler).
-- Tokenizer: the folder's sentencepiece tokenizer.model, else its Hugging Face tokenizer.json, read as byte-level BPE
-  by the standard library alone (its regexes run on `re`, with \\p{L}/\\p{N} classes built from unicodedata).
-  What the file asks for and this reader lacks (normalizers, Unigram/WordPiece, byte fallback, ...) is refused.
+- Left padding; position ids are cumsum(mask) - 1, so each row's tokens sit at 0..n-1 as if run alone and h[:, -1]
+  is every row's last prompt token. Padded query rows attend to themselves (a fully masked softmax row is NaN).
+- Attention is explicit matmuls with a 0/-inf bias, query heads grouped onto their key head by a view: on CPU
+  faster than masked SDPA, forward and backward (tested equal). last_only runs the last layer on the last query only.
+- Weights stay in their loaded dtype (bf16 on CUDA and AMX CPUs, no autocast); RMSNorm and the Yes/No logits run
+  in fp32; the delta factors stay the caller's fp32 parameters, cast where they meet x.
+- Delta-path dropout draws one mask per input (q, k, v share one; gate, up another) from 16-bit random numbers.
+- RoPE cos/sin come from per-row position ids on the fly (no cache); `generate` is greedy without a KV cache.
+- Loading checks every safetensors header and names every problem in one error before reading a tensor; the model
+  is built on the meta device and the tensors assigned in place (never held twice). pytorch_model*.bin pickles
+  are not read: `python llama.py --convert DIR OUT` turns them into safetensors once.
+- Tokenizer: sentencepiece tokenizer.model, else tokenizer.json as byte-level BPE in the standard library alone
+  (\\p{L}/\\p{N} from unicodedata); what it lacks (normalizers, Unigram, byte fallback, ...) is refused.
 
 Run `python llama.py --ckpt DIR --prompt "..."` to generate; `python train.py --bench` times training steps.
 """
 import functools
+import io
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 import unicodedata
@@ -57,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")  # the projections a delta may target
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,14 +77,15 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded as it is; the message names the file and the fix."""
 
 
-def parse_json(f, key=None):
-    """json.load of the open file f (its object field key, when given); a CheckpointError naming the file if not."""
-    try:
-        c = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f.name}: not valid JSON ({e})") from None
+def parse_json(path, key=None):
+    """The JSON object in the file path (its object field key, when given); a CheckpointError naming the file if not."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            c = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(c, dict) or key is not None and not isinstance(c.get(key), dict):
-        raise CheckpointError(f"{f.name}: expected a JSON object" + (f" with an object {key!r}" if key else ""))
+        raise CheckpointError(f"{path}: expected a JSON object" + (f" with an object {key!r}" if key else ""))
     return c if key is None else c[key]
 
 
@@ -118,7 +112,8 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+            raise CheckpointError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                                  f"num_key_value_heads={self.n_kv_heads}")
 
     @classmethod
     def from_config(cls, path):
@@ -128,8 +123,7 @@ class ModelArgs:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no config.json; point --llm at a Hugging Face LLaMA folder "
                                   f"(config.json + model.safetensors + tokenizer.model or tokenizer.json)")
-        with open(path, encoding="utf-8") as f:
-            c = parse_json(f)
+        c = parse_json(path)
         if c.get("model_type", "llama") not in ("llama", "mistral"):
             raise CheckpointError(f"{path}: model_type {c['model_type']!r} is not a LLaMA; supported: llama, mistral")
         lacks = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,)}
@@ -171,11 +165,11 @@ class ModelArgs:
                     tie_word_embeddings=get("tie_word_embeddings", False, bool),
                     bos_id=get("bos_token_id", None, low=0),
                     eos_id=get("eos_token_id", None, low=0) if "eos_token_id" in c else 2)
-        head_dim = args["head_dim"] or args["dim"] // args["n_heads"]
-        if head_dim % 2 or not args["head_dim"] and args["dim"] % args["n_heads"]:
-            raise CheckpointError(f"{path}: hidden_size {args['dim']} / num_attention_heads {args['n_heads']} gives no "
+        a = cls(**args)
+        if a.head_dim % 2 or not args["head_dim"] and a.dim % a.n_heads:
+            raise CheckpointError(f"{path}: hidden_size {a.dim} / num_attention_heads {a.n_heads} gives no "
                                   f"even head_dim (RoPE rotates pairs); give head_dim")
-        return cls(**args)
+        return a
 
     def to_config(self):
         """The HF config.json fields this class reads, so a saved folder loads in either world."""
@@ -196,7 +190,8 @@ def rope_freqs(args, device):
     inv = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)  # (hd/2,)
     if args.rope_scaling:  # Llama 3.1: divide low frequencies by `factor`, keep high ones, blend in between
         s = args.rope_scaling
-        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -219,14 +214,12 @@ def rotate_half(x):
 
 
 def project(linear, x, delta, xd=None, memo=None):
-    """y = x W^T + (xd A^T) B^T, with shared (2-D) or per-example (3-D) factors; xd is x after the delta path's
-    dropout (default: x). The factors are trainable fp32; they meet x in the frozen LLM's dtype, and their gradients
-    flow back through the cast in fp32. memo {id(A): xd A^T} lets projections that read the same input with the same
-    A (CoRA's ΔW_A serves q, k and v alike) share one product."""
+    """y = x W^T + (xd A^T) B^T; xd is x after the delta path's dropout (default: x). memo {id(A): xd A^T} lets
+    projections reading the same input with the same A (CoRA's ΔW_A serves q, k and v) share one product."""
     y = linear(x)                                                       # (B, T, d_out)
     if delta is None:
         return y
-    A, B = delta                                                        # (r, d_in) | (B, r, d_in); (d_out, r) | (B, d_out, r)
+    A, B = delta                                            # (r, d_in) | (B, r, d_in); (d_out, r) | (B, d_out, r)
     memo = {} if memo is None else memo
     if id(A) not in memo:
         memo[id(A)] = (x if xd is None else xd) @ A.to(x.dtype).mT      # (B, T, r)
@@ -234,23 +227,17 @@ def project(linear, x, delta, xd=None, memo=None):
 
 
 def delta_input(x, deltas, names, p):
-    """x as the delta path of the projections `names` reads it: one dropout mask for all of them (they read the same
-    x), or x itself when none carries a delta or p is 0 (evaluation)."""
+    """x as the delta path of the projections `names` reads it: one dropout mask for all, or x (no delta, or p 0)."""
     return fast_dropout(x, p) if p and any(n in deltas for n in names) else x
 
 
 def fast_dropout(x, p):
-    """Inverted dropout as F.dropout(x, p), its keep mask drawn from 16 random bits per element (four per 64-bit
-    draw), so p is rounded to a multiple of 2^-16. On CPU the random numbers are most of dropout's cost: this is
-    about 3x faster than F.dropout there, and it is a large share of a LoRA / CoRA training step (README, Speed)."""
+    """Inverted dropout as F.dropout(x, p), its keep mask from 16 random bits per element (p rounded to a multiple of
+    2^-16): on CPU the random numbers are most of dropout's cost, and this is about 3x faster (README, Speed)."""
     t = round(p * 65536)                                                # drop when the 16 bits fall below t
     bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (x.numel() // 4 + 1,), dtype=torch.int64, device=x.device)
     keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= t - 32768
     return torch.where(keep, x, 0) * (65536 / (65536 - t))
-
-
-def _at_least_fp32(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -259,16 +246,14 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in (at least) fp32 as HF does, scale in the model dtype
-        xf = x.to(_at_least_fp32(x.dtype))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def attend(q, k, v, bias):
-    """Causal GQA attention as explicit matmuls: softmax(q k^T / sqrt(hd) + bias) v. q (B, H, T, hd); k, v
-    (B, KV, S, hd); bias (B or 1, 1, T, S), 0 where a query may look and -inf where not. Query heads are grouped
-    onto their key head by a view, so k and v are never repeated. On CPU this is faster than SDPA with a mask, in
-    bf16 and fp32, forward and backward (README, Speed). The softmax reads and writes the model dtype (the CPU and
-    CUDA kernels accumulate bf16 in fp32), as HF's eager attention's fp32 softmax cast back to bf16 does."""
+    """softmax(q k^T / sqrt(hd) + bias) v; q (B, H, T, hd), k and v (B, KV, S, hd), bias (B or 1, 1, T, S) 0 or -inf.
+    k and v are never repeated. The softmax runs in the model dtype (its kernels accumulate bf16 in fp32), matching
+    HF's eager attention's fp32 softmax cast back to bf16."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     q = (q * hd ** -0.5).reshape(B, KV, H // KV * T, hd)                # (B, KV, G*T, hd): G query heads per key head
@@ -287,17 +272,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def forward(self, x, cos, sin, bias, deltas, p, last=False):
-        """last: only the last position's output (B, 1, d), its query reading every key (the last layer of a
-        Yes/No score needs nothing else)."""
+        """last: only the last position's output (B, 1, d), its query reading every key."""
         B, T, _ = x.shape
         xd, memo = delta_input(x, deltas, "qkv", p), {}                    # one dropout mask for q, k, v
         k = project(self.k_proj, x, deltas.get("k"), xd, memo).view(B, T, self.n_kv_heads, self.head_dim)
         v = project(self.v_proj, x, deltas.get("v"), xd, memo).view(B, T, self.n_kv_heads, self.head_dim)
+        cq, sq = cos, sin
         if last:  # the query of the last position alone
             x, xd, cq, sq = x[:, -1:], xd[:, -1:], cos[:, :, -1:], sin[:, :, -1:]
             memo = {k: xa[:, -1:] for k, xa in memo.items()}
-        else:
-            cq, sq = cos, sin
         q = project(self.q_proj, x, deltas.get("q"), xd, memo).view(B, -1, self.n_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, Tq, hd), (B, KV, T, hd)
         q, k = q * cq + rotate_half(q) * sq, k * cos + rotate_half(k) * sin
@@ -315,8 +298,9 @@ class MLP(nn.Module):
 
     def forward(self, x, deltas, p):
         xd, memo = delta_input(x, deltas, ("gate", "up"), p), {}          # one dropout mask for gate, up
-        g, u = (project(lin, x, deltas.get(n), xd, memo) for lin, n in ((self.gate_proj, "gate"), (self.up_proj, "up")))
-        h = F.silu(g) * u                                                  # (B, T, d_ffn)
+        g = project(self.gate_proj, x, deltas.get("gate"), xd, memo)      # (B, T, d_ffn)
+        u = project(self.up_proj, x, deltas.get("up"), xd, memo)          # (B, T, d_ffn)
+        h = F.silu(g) * u
         return project(self.down_proj, h, deltas.get("down"), delta_input(h, deltas, ("down",), p))
 
 
@@ -345,8 +329,8 @@ class Llama(nn.Module):
     def forward(self, tokens=None, mask=None, *, embeds=None, deltas=None, delta_dropout=0.0,
                 last_only=False, token_ids=None, return_hidden=False):
         """tokens (B, T) or embeds (B, T, d); mask (B, T) 1 = real token, left padding; deltas {(layer, proj): (A, B)}.
-        Returns logits (B, T, V); with last_only the last position only (B, V); with token_ids only those
-        vocabulary rows (B, [T,] n); with return_hidden the final-normed hidden states instead of logits."""
+        Returns logits (B, T, V); last_only: the last position's (B, V); token_ids: those vocabulary rows only
+        (B, [T,] n), in fp32; return_hidden: the final-normed hidden states instead."""
         h = self.embed_tokens(tokens) if embeds is None else embeds            # (B, T, d)
         B, T, _ = h.shape
         causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
@@ -354,9 +338,8 @@ class Llama(nn.Module):
             pos, allowed = torch.arange(T, device=h.device).expand(B, T), causal[None, None]  # (1, 1, T, T)
         else:
             mask = mask.bool()
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                    # (B, T): 0 at each row's first real token
-            eye = torch.eye(T, dtype=torch.bool, device=h.device)
-            allowed = (causal & mask[:, None, None, :]) | eye                  # (B, 1, T, T)
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                    # (B, T): 0 at each row's first token
+            allowed = (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=h.device)  # (B,1,T,T)
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         freqs = pos[..., None].float() * rope_freqs(self.args, h.device)     # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), -1)[:, None]                          # (B, 1, T, hd) rotate-half layout
@@ -367,13 +350,14 @@ class Llama(nn.Module):
         for i, (layer, d) in enumerate(zip(self.layers, per_layer)):  # with last_only the last layer runs 1 query
             h = layer(h, cos, sin, bias, d, delta_dropout, last=last_only and i == len(self.layers) - 1)
         if last_only:
-            h = h[:, -1]                                                       # (B, d): left padding puts every row's last token here
+            h = h[:, -1]                                                       # (B, d): every row's last token
         h = self.norm(h)
         if return_hidden:
             return h
-        W = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]  # (V or n, d)
-        if token_ids is not None:  # the Yes/No logits are computed in (at least) fp32
-            h, W = h.to(_at_least_fp32(h.dtype)), W.to(_at_least_fp32(h.dtype))
+        W = self.lm_head.weight                                               # (V, d)
+        if token_ids is not None:  # the Yes/No logits: those rows only, in (at least) fp32
+            f32 = torch.promote_types(h.dtype, torch.float32)
+            h, W = h.to(f32), W[token_ids].to(f32)                            # (n, d)
         return F.linear(h, W)
 
     @torch.no_grad()
@@ -390,9 +374,8 @@ class Llama(nn.Module):
 
 
 def compile_blocks(model, backend="inductor"):
-    """torch.compile every decoder block in place (regional compilation: the blocks share one compiled graph, so
-    compiling costs one block, not n_layers). Shapes are dynamic because length buckets vary T. It fuses the
-    elementwise work around the matmuls (RMSNorm, RoPE, SwiGLU, the delta path's add). State-dict keys are unchanged."""
+    """torch.compile every decoder block in place: one compiled graph for all blocks, dynamic shapes (length buckets
+    vary T), the elementwise work around the matmuls fused. State-dict keys are unchanged."""
     for layer in model.layers:
         layer.compile(dynamic=True, backend=backend)
     return model
@@ -430,10 +413,7 @@ class Tokenizer:
 
 def tokenizer_config(folder):
     path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return parse_json(f)
+    return parse_json(path) if os.path.isfile(path) else {}
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -442,10 +422,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path, add_bos=None):
         import sentencepiece as spm
         folder = path if os.path.isdir(path) else os.path.dirname(path)
-        path = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no tokenizer.model (a sentencepiece model) in the checkpoint folder; "
-                                  f"copy the model's tokenizer.model there")
+        path = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path  # Tokenizer() checked it exists
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except Exception as e:
@@ -687,9 +664,7 @@ def checkpoint_files(folder):
     """{tensor name: file} for model.safetensors or a sharded model.safetensors.index.json."""
     index, single = os.path.join(folder, "model.safetensors.index.json"), os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = parse_json(f, "weight_map")
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        return {k: os.path.join(folder, v) for k, v in parse_json(index, "weight_map").items()}
     if os.path.isfile(single):
         return {k: single for k in read_header(single)}
     bins = os.path.isdir(folder) and [f for f in os.listdir(folder) if re.fullmatch(r"pytorch_model.*\.bin", f)]
@@ -701,8 +676,6 @@ def checkpoint_files(folder):
 def convert_bin(src, out):
     """pytorch_model.bin (or shards + pytorch_model.bin.index.json) -> model.safetensors (or shards + index) in out,
     with config.json and the tokenizer files. Read with torch's restricted unpickler: tensors only, no code runs."""
-    from safetensors.torch import save_file
-    import shutil
     index = os.path.join(src, "pytorch_model.bin.index.json")
     shards = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else None
     shards = shards or ["pytorch_model.bin"]
@@ -760,7 +733,6 @@ def load_llama(folder, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{f}: tensor {k} is {t} ({len(odd)} of {len(expected)} weights are not float): " + (
             "float8 weights are not supported; dequantize the checkpoint to bf16/fp16 first" if t.startswith("F8")
             else "integer weights (a quantized checkpoint?) are not supported; use float weights"))
-    from safetensors import safe_open
     sd = {}
     for f in headers:
         with safe_open(f, framework="pt", device="cpu") as st:
@@ -790,8 +762,6 @@ def load(folder, dtype=torch.float32, device="cpu"):
 
 def save_llama(model, folder, tokenizer_path=None):
     """Write config.json + model.safetensors (HF names), atomically; copy a tokenizer.model if given."""
-    from safetensors.torch import save_file
-    import shutil
     os.makedirs(folder, exist_ok=True)
     sd = {("" if k == "lm_head.weight" else "model.") + k: v.contiguous() for k, v in model.state_dict().items()
           if not (k == "lm_head.weight" and model.args.tie_word_embeddings)}
@@ -807,7 +777,6 @@ def save_llama(model, folder, tokenizer_path=None):
 def build_tiny_llama(folder, texts, vocab_size=512, seed=0, **shape):
     """A small random LLaMA + a sentencepiece tokenizer trained on `texts`, saved as a HF folder.
     The weights are untrained: runs on it exercise the mechanics, not the paper's results."""
-    import io
     import sentencepiece as spm
     os.makedirs(folder, exist_ok=True)
     buf = io.BytesIO()

@@ -1,8 +1,11 @@
 """
 test_all.py: the specification. Differential tests against independent naive references written here
-(explicit per-head loops, per-example materialised weights) and golden values from ../shared.
-Large init scale (std ~0.3) so that layout bugs show. Run: python -m pytest -q test_all.py
+(explicit per-head loops, per-example materialised weights) and golden values (SmolLM2-135M logits, HF tokenizer ids)
+from the optional asset folder CORA_SHARED (default ../shared); tests that need it skip without it. Large init scale
+(std ~0.3) so that layout bugs show. Ordered as the code is read: llama -> CoRA -> baselines -> CF models and metrics
+-> data -> training, robustness, analyses. Run: python -m pytest -q test_all.py
 """
+import fcntl
 import functools
 import gzip
 import json
@@ -10,9 +13,13 @@ import math
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import unicodedata
+from graphlib import TopologicalSorter
 from unittest import mock
 
 import numpy as np
@@ -33,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("CORA_SHARED", os.path.join(HERE, "..", "shared"))
 SMOL = os.environ.get("CORA_SMOLLM2", os.path.expanduser("~/.cache/cora-ref/smollm2-135m"))
 torch.set_num_threads(2)
+ML1M = os.environ.get("CORA_ML1M") or os.path.join(SHARED, "data", "ml-1m")  # optional real assets: CORA_SHARED
+needs_ml1m = pytest.mark.skipif(not os.path.isfile(os.path.join(ML1M, "train.tsv")), reason=f"no ML-1M TSVs in {ML1M}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,7 +126,56 @@ def smollm2():
     return SMOL, load_file(os.path.join(gguf_dir, "golden.safetensors"))
 
 
-# ----------------------------------------------------------------------------- llama.py
+def _damage(path, what):
+    """Cut a safetensors file to half ("truncated"), or make its header claim twice the file's size ("header lies")."""
+    blob = bytearray(open(path, "rb").read())
+    if what == "truncated":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
+    open(path, "wb").write(bytes(blob))
+
+
+class FakeCF(torch.nn.Module):
+    """A stand-in CF model: random user/item tables behind the `embed` interface of cf.py."""
+
+    def __init__(self, n_users=9, n_items=11, dim=8, std=0.3):
+        super().__init__()
+        self.dim, self.u, self.i = dim, torch.nn.Embedding(n_users, dim), torch.nn.Embedding(n_items, dim)
+        torch.nn.init.normal_(self.u.weight, std=std), torch.nn.init.normal_(self.i.weight, std=std)
+
+    def embed(self, uid, iid, his=None):
+        return self.u(uid), self.i(iid)
+
+
+def _batch(rows, uid, iid, pad=0):
+    T = max(map(len, rows))
+    return dict(tokens=torch.tensor([[pad] * (T - len(r)) + r for r in rows]),
+                mask=torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+                uid=torch.tensor(uid), iid=torch.tensor(iid), label=torch.ones(len(rows)))
+
+
+def _cora(weight_types="qkvo", std=0.3, seed=0):
+    llm = random_llama(tiny_args(), dtype=torch.float32, seed=seed)
+    torch.manual_seed(seed)
+    m = cora.CoRA(llm, None, [5, 7], FakeCF(), weight_types=weight_types, r=4, alpha=8, n_blocks=2, n_heads=2,
+                  ffn_dim=24, gen_dropout=0.0, delta_dropout=0.0).eval()
+    if std:  # large, non-zero W_proj so that W_c matters; a generator whose output clearly depends on its input
+        with torch.no_grad():  # (the official BERT init, N(0, 0.02), makes the queries nearly the same at step 0)
+            for p in m.proj.values():
+                p.normal_(0, std)
+            for lin in (x for x in m.generator.modules() if isinstance(x, torch.nn.Linear)):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
+            m.fc.weight.mul_(30)
+    return m
+
+
+@pytest.fixture(scope="module")
+def toy_llm(tmp_path_factory):
+    return train.toy_llm(data.make_toy(), str(tmp_path_factory.mktemp("toy-llm")))
+
+
+# ----------------------------------------------------------------------------- llama.py: model, loader, tokenizers
 
 def test_llama_matches_naive_reference():
     m = random_llama(tiny_args())
@@ -128,7 +186,8 @@ def test_llama_matches_naive_reference():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(m(torch.tensor([tokens]), last_only=True)[0], ref[-1], atol=1e-4, rtol=0)
     ids = torch.tensor([5, 7])
-    torch.testing.assert_close(m(torch.tensor([tokens]), last_only=True, token_ids=ids)[0], ref[-1, ids], atol=1e-4, rtol=0)
+    out = m(torch.tensor([tokens]), last_only=True, token_ids=ids)[0]
+    torch.testing.assert_close(out, ref[-1, ids], atol=1e-4, rtol=0)
 
 
 def test_llama_untied_no_gqa_head_dim_matches_reference():
@@ -179,26 +238,6 @@ def test_delta_path_equals_materialised_merge(proj, per_example):
     out.square().mean().backward()
     assert A.grad.abs().sum() > 0 and Bf.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.parameters())
-
-
-def test_compiled_blocks_equal_eager():
-    """--compile: torch.compile'd blocks (dynamo capture; the eager backend keeps CI free of a C++ compile)
-    give eager's logits and delta gradients, for two prompt lengths, padding and per-example deltas."""
-    a = tiny_args()
-    eager, compiled = random_llama(a, dtype=torch.float32), random_llama(a, dtype=torch.float32)
-    llama.compile_blocks(compiled, backend="eager")
-    assert list(compiled.state_dict()) == list(eager.state_dict())
-    torch.manual_seed(3)
-    for T in (6, 9):
-        tokens, mask = torch.randint(0, a.vocab_size, (3, T)), torch.ones(3, T)
-        mask[0, :3] = 0
-        deltas = {(l, p): ((0.3 * torch.randn(3, 4, a.dim)).requires_grad_(), 0.3 * torch.randn(3, d_out, 4))
-                  for l in range(a.n_layers) for p, (d_out, _) in llama.proj_dims(a).items() if p in "qkvo"}
-        outs = [m(tokens, mask, deltas=deltas, last_only=True) for m in (eager, compiled)]
-        grads = [torch.autograd.grad(o.square().sum(), [A for A, _ in deltas.values()]) for o in outs]
-        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-        for g1, g0 in zip(grads[1], grads[0]):
-            torch.testing.assert_close(g1, g0, atol=1e-4, rtol=1e-4)
 
 
 def _sdpa_reference(q, k, v, bias):
@@ -308,18 +347,24 @@ def test_dtype_auto_follows_the_cpu(monkeypatch):
         assert llama.resolve_dtype("auto", "cpu") == want
 
 
-def test_lora_trains_frozen_weights_stay():
+def test_compiled_blocks_equal_eager():
+    """--compile: torch.compile'd blocks (dynamo capture; the eager backend keeps CI free of a C++ compile)
+    give eager's logits and delta gradients, for two prompt lengths, padding and per-example deltas."""
     a = tiny_args()
-    m = random_llama(a, dtype=torch.float32)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    A = torch.randn(4, a.dim).mul(0.1).requires_grad_()
-    Bf = torch.zeros(a.n_heads * a.head_dim, 4, requires_grad=True)
-    opt = torch.optim.AdamW([A, Bf], lr=1e-2)
-    loss = m(torch.tensor([[1, 2, 3]]), deltas={(0, "q"): (A, Bf)}, last_only=True)[0, 0]
-    loss.backward()
-    opt.step()
-    assert Bf.abs().sum() > 0
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    eager, compiled = random_llama(a, dtype=torch.float32), random_llama(a, dtype=torch.float32)
+    llama.compile_blocks(compiled, backend="eager")
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch.manual_seed(3)
+    for T in (6, 9):
+        tokens, mask = torch.randint(0, a.vocab_size, (3, T)), torch.ones(3, T)
+        mask[0, :3] = 0
+        deltas = {(l, p): ((0.3 * torch.randn(3, 4, a.dim)).requires_grad_(), 0.3 * torch.randn(3, d_out, 4))
+                  for l in range(a.n_layers) for p, (d_out, _) in llama.proj_dims(a).items() if p in "qkvo"}
+        outs = [m(tokens, mask, deltas=deltas, last_only=True) for m in (eager, compiled)]
+        grads = [torch.autograd.grad(o.square().sum(), [A for A, _ in deltas.values()]) for o in outs]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        for g1, g0 in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g1, g0, atol=1e-4, rtol=1e-4)
 
 
 def test_sharded_bf16_tied_untied_load(tmp_path):
@@ -386,29 +431,6 @@ def test_smollm2_golden_logits_and_greedy(tmp_path, kind):
     assert tok.encode(" Yes") == [9230] and tok.encode(" No") == [2838]
 
 
-def test_tokenizer_left_padding():
-    folder = os.path.join(SHARED, "models", "llama2-tokenizer")
-    if not os.path.isdir(folder):
-        pytest.skip("../shared/models/llama2-tokenizer is absent")
-    tok = Tokenizer(folder)
-    assert tok.add_bos and tok.encode("Hello")[0] == tok.bos_id
-    assert tok.decode(tok.encode("Hello world")) == "Hello world"
-    tokens, mask = tok.batch(["Hello world, this is long", "Hi"])
-    n = len(tok.encode("Hi"))
-    assert mask[1].tolist() == [0] * (tokens.shape[1] - n) + [1] * n
-    assert tokens[1, -n:].tolist() == tok.encode("Hi") and mask[0].all()
-
-
-def _damage(path, what):
-    """Cut a safetensors file to half ("truncated"), or make its header claim twice the file's size ("header lies")."""
-    blob = bytearray(open(path, "rb").read())
-    if what == "truncated":
-        blob = blob[: len(blob) // 2]
-    else:
-        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
-    open(path, "wb").write(bytes(blob))
-
-
 def _corrupt(tmp, what):
     m = random_llama(tiny_args(), dtype=torch.float32)
     folder = write_folder(tmp, m)
@@ -431,12 +453,64 @@ def _corrupt(tmp, what):
                     "wrong shape": "mlp.gate_proj", "rope scaling": "config.json"}[what]
 
 
-@pytest.mark.parametrize("what", ["missing file", "truncated", "header lies", "missing key", "wrong shape", "rope scaling"])
+@pytest.mark.parametrize("what", ["missing file", "truncated", "header lies", "missing key", "wrong shape",
+                                  "rope scaling"])
 def test_bad_checkpoints_raise_one_clear_error(tmp_path, what):
     folder, named = _corrupt(tmp_path, what)
     with pytest.raises(CheckpointError) as e:
         load_llama(folder)
     assert str(named) in str(e.value) and str(folder) in str(e.value)
+
+
+def _bin_folder(folder, model, shards):
+    """A published-style folder: config.json + pytorch_model.bin (or shards + index) of the HF-named state dict."""
+    os.makedirs(folder)
+    json.dump(model.args.to_config(), open(os.path.join(folder, "config.json"), "w"))
+    sd = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()}  # tied: shared
+    if shards == 1:
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return str(folder)
+    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    for i, name in enumerate(names):
+        torch.save({k: v for j, (k, v) in enumerate(sorted(sd.items())) if j % shards == i}, os.path.join(folder, name))
+    wm = {k: names[j % shards] for j, k in enumerate(sorted(sd))}
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(folder, "pytorch_model.bin.index.json"), "w"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_bin_checkpoint_refused_with_command_then_converted_exactly(tmp_path, shards, capsys):
+    m = random_llama(tiny_args(tie_word_embeddings=shards == 1), dtype=torch.float32)
+    src, out = _bin_folder(tmp_path / "bin", m, shards), str(tmp_path / "st")
+    open(os.path.join(src, "tokenizer_config.json"), "w").write("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"python llama.py --convert {src} OUT")):
+        load_llama(src)
+    if shards == 1:
+        llama.convert_bin(src, out)
+        assert "converted" in capsys.readouterr().out
+    else:  # the command line the error names
+        r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--convert", src, out], capture_output=True,
+                           text=True, check=True)
+        assert f"in {out}" in r.stdout and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+    assert not any(f.endswith(".bin") for f in os.listdir(out))
+    m2 = load_llama(out)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    assert torch.equal(m(tokens), m2(tokens))
+    assert (m2.lm_head.weight is m2.embed_tokens.weight) == (shards == 1)
+
+
+def test_tokenizer_left_padding():
+    folder = os.path.join(SHARED, "models", "llama2-tokenizer")
+    if not os.path.isdir(folder):
+        pytest.skip("../shared/models/llama2-tokenizer is absent")
+    tok = Tokenizer(folder)
+    assert tok.add_bos and tok.encode("Hello")[0] == tok.bos_id
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
+    tokens, mask = tok.batch(["Hello world, this is long", "Hi"])
+    n = len(tok.encode("Hi"))
+    assert mask[1].tolist() == [0] * (tokens.shape[1] - n) + [1] * n
+    assert tokens[1, -n:].tolist() == tok.encode("Hi") and mask[0].all()
 
 
 def test_missing_tokenizer_is_named(tmp_path):
@@ -571,7 +645,6 @@ def test_unicode_classes_are_exact_and_fast():
     t = time.perf_counter()
     L, N = re.compile(f"[{llama.unicode_class('L')}]"), re.compile(f"[{llama.unicode_class('N')}]")
     assert time.perf_counter() - t < 2.0
-    import unicodedata
     for cp in list(range(0x3000)) + list(range(0x10000, 0x10000 + 0x3000, 7)) + [0x1F600, 0x20000, 0x10FFFF]:
         c = chr(cp)
         assert bool(L.match(c)) == unicodedata.category(c).startswith("L"), hex(cp)
@@ -580,67 +653,182 @@ def test_unicode_classes_are_exact_and_fast():
     assert rx.findall("a \x1c\u3000b") == ["\x1c"]  # Python's own \s would give [" \x1c"]
 
 
-def _bin_folder(folder, model, shards):
-    """A published-style folder: config.json + pytorch_model.bin (or shards + index) of the HF-named state dict."""
-    os.makedirs(folder)
-    json.dump(model.args.to_config(), open(os.path.join(folder, "config.json"), "w"))
-    sd = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()}  # tied: shared
-    if shards == 1:
-        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-        return str(folder)
-    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
-    for i, name in enumerate(names):
-        torch.save({k: v for j, (k, v) in enumerate(sorted(sd.items())) if j % shards == i}, os.path.join(folder, name))
-    wm = {k: names[j % shards] for j, k in enumerate(sorted(sd))}
-    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(folder, "pytorch_model.bin.index.json"), "w"))
-    return str(folder)
+# ----------------------------------------------------------------------------- cora.py: CoRA
+
+@pytest.mark.parametrize("weight_types", list(cora.WEIGHT_TYPES))
+def test_cora_equals_materialised_per_example_merge(weight_types):
+    m = _cora(weight_types)
+    rows = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    b = _batch(rows, [1, 2, 3], [4, 5, 6])
+    with torch.no_grad():
+        out = m(b)
+        q = m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None])
+        A = m.factor(m.fc, q)  # (B, r, d)
+        A_f = m.factor(m.fc_ffn, q) if m.fc_ffn else None
+        base = {k: v.clone() for k, v in m.llm.state_dict().items()}
+        for j, r in enumerate(rows):  # naive: build W + W_c for example j, run the plain LLM on its prompt alone
+            for l, p in m.targets:
+                blk = m.llm.layers[l]
+                lin = getattr(blk.self_attn if p in "qkvo" else blk.mlp, f"{p}_proj")
+                a = A_f[j] if p == "down" else A[j]
+                W_c = m.scale * m.proj[f"{l}_{p}"] @ a                           # (d_out, d_in)
+                lin.weight.copy_(base[f"layers.{l}.{'self_attn' if p in 'qkvo' else 'mlp'}.{p}_proj.weight"] + W_c)
+            ref = m.llm(torch.tensor([r]), last_only=True, token_ids=m.yes_no)[0, 0]
+            m.llm.load_state_dict(base)
+            torch.testing.assert_close(out[j], ref, atol=1e-5, rtol=0)
+    assert (out - m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]).abs().min() > 1e-3
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_bin_checkpoint_refused_with_command_then_converted_exactly(tmp_path, shards, capsys):
-    m = random_llama(tiny_args(tie_word_embeddings=shards == 1), dtype=torch.float32)
-    src, out = _bin_folder(tmp_path / "bin", m, shards), str(tmp_path / "st")
-    open(os.path.join(src, "tokenizer_config.json"), "w").write("{}")
-    with pytest.raises(CheckpointError, match=re.escape(f"python llama.py --convert {src} OUT")):
-        load_llama(src)
-    if shards == 1:
-        llama.convert_bin(src, out)
-        assert "converted" in capsys.readouterr().out
-    else:  # the command line the error names
-        r = subprocess.run([sys.executable, os.path.join(HERE, "llama.py"), "--convert", src, out], capture_output=True,
-                           text=True, check=True)
-        assert f"in {out}" in r.stdout and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
-    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
-    assert not any(f.endswith(".bin") for f in os.listdir(out))
-    m2 = load_llama(out)
-    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    assert torch.equal(m(tokens), m2(tokens))
-    assert (m2.lm_head.weight is m2.embed_tokens.weight) == (shards == 1)
+def test_cora_per_pair_weights_and_batch_invariance():
+    m = _cora()
+    with torch.no_grad():
+        d = m.deltas(torch.tensor([1, 2, 1]), torch.tensor([4, 4, 4]))
+        A = d[(0, "q")][0]
+        assert (A[0] - A[1]).abs().max() > 1e-3 and torch.equal(A[0], A[2])
+        alone = m(_batch([[3, 4, 5]], [1], [4]))
+        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
 
 
-# ----------------------------------------------------------------------------- data.py / cf.py
-
-ML1M = os.environ.get("CORA_ML1M") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "../shared/data/ml-1m")
-needs_ml1m = pytest.mark.skipif(not os.path.isfile(os.path.join(ML1M, "train.tsv")), reason=f"no ML-1M TSVs in {ML1M}")
-
-
-def _unix(day):
-    """'2001-06-05' -> unix seconds at noon UTC."""
-    return int(np.datetime64(f"{day}T12:00:00", "s").astype(np.int64))
+def test_cora_zero_init_is_base_llm():
+    m = _cora(std=0)
+    b = _batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
+    base = m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]
+    assert torch.equal(m(b), base)
 
 
-def _pairwise_auc(labels, scores):
-    """Naive O(n^2) AUC: P(score_pos > score_neg) + 0.5 P(tie)."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    return ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+def test_cora_gradients_reach_only_generator_and_heads():
+    m = _cora(weight_types="qkvof").train()
+    with torch.no_grad():
+        for p in m.proj.values():
+            p.normal_(0, 0.3)
+    logits = m(_batch([[3, 4, 5], [6, 7]], [1, 2], [3, 4]))
+    F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0])).backward()
+    trainable = dict(m.named_parameters())
+    assert all(p.grad is None for p in m.llm.parameters()) and all(p.grad is None for p in m.cf.parameters())
+    assert not any(k.startswith(("llm.", "cf.")) for k, p in trainable.items() if p.requires_grad)
+    for k in ["generator.queries", "generator.blocks.0.cross_attn.v.weight", "fc.weight", "fc_ffn.weight", "proj.0_q",
+              "proj.1_down"]:
+        assert trainable[k].grad is not None and trainable[k].grad.abs().sum() > 0, k
 
 
-def _tiny_dataset(kind="movie", n_history=2):
-    rows = data.Interactions(np.array([1, 1]), np.array([1, 2]), np.array([1.0, 0.0], np.float32),
-                             np.array([10, 20]), [np.array([], np.int64), np.array([1])], np.array([True, True]))
-    titles = ["", "Heat (1995)", " Up (2009) ", "Fargo (1996)"]
-    return data.Dataset("tiny", kind, 2, 4, titles, rows, rows, rows, n_history=n_history)
+def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
+    uid, iid = torch.arange(9).repeat(2)[:15], torch.arange(11).flip(0).repeat(2)[:15]  # the "train" rows
+    u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    m = _cora()
+    c = collm.CoLLM(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7], FakeCF(), delta_dropout=0.0)
+    with torch.no_grad():
+        for model in (m, c):
+            model.cf.u.weight.add_(torch.linspace(-5, 5, 8)), model.cf.i.weight.mul_(0.01)  # shared offset, tiny scale
+            model.standardize(uid, iid, chunk=4)
+            x = torch.cat([model.cf.u.weight[uid], model.cf.i.weight[iid]], -1).double()  # (15, 16)
+            mean, std = x.sum(0) / 15, ((x - x.sum(0) / 15) ** 2).sum(0).div(14).sqrt()
+            torch.testing.assert_close(model.x_mean, mean.float()), torch.testing.assert_close(model.x_std, std.float())
+            z = ((torch.cat([model.cf.u.weight[u], model.cf.i.weight[i]], -1) - mean) / std).float()  # (3, 16)
+            if model is m:  # CoRA: the generator reads the standardised [e_u, e_i]
+                torch.testing.assert_close(m.deltas(u, i)[(1, "o")][0], m.factor(m.fc, m.generator(z[:, None])),
+                                           atol=1e-6, rtol=0)
+            else:           # CoLLM: the CIE maps the standardised e_u and e_i into the placeholders
+                emb = c.embed(torch.tensor([[3, 0, 4, 0]] * 3), u, i, torch.tensor([[1, 3]] * 3))
+                torch.testing.assert_close(emb[:, [1, 3]], c.cie(z.view(3, 2, 8)), atol=1e-6, rtol=0)
+            assert {"x_mean", "x_std"} <= set(model.trainable_state())
+        alone = m(_batch([[3, 4, 5]], [1], [4]))
+        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+        torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)  # fixed statistics: batch-invariant
+        again = _cora()
+        again.cf.load_state_dict(m.cf.state_dict())
+        again.load_state_dict(m.trainable_state(), strict=False)  # what a run saves restores the statistics
+        assert torch.equal(again(_batch([[3, 4, 5]], [1], [4])), alone)
+    assert "x_mean" not in collm.TALLRec(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7]).trainable_state()
 
+
+def test_cf_norm_default_is_standard_for_sasrec_only():
+    for method, cf_name, flag, want in [
+            ("cora", "mf", [], "none"), ("cora", "lightgcn", [], "none"), ("cora", "sasrec", [], "standard"),
+            ("collm", "sasrec", [], "standard"), ("collm", "mf", [], "none"), ("tallrec", "sasrec", [], "none"),
+            ("cora", "sasrec", ["--cf-norm", "none"], "none"), ("collm", "mf", ["--cf-norm", "standard"], "standard")]:
+        args = train.cli().parse_args(["--method", method, "--cf", cf_name, *flag])
+        assert train.fill_llm_defaults(args).cf_norm == want
+
+
+# ----------------------------------------------------------------------------- collm.py: TALLRec / LoRA, CoLLM
+
+def test_lora_trains_frozen_weights_stay():
+    a = tiny_args()
+    m = random_llama(a, dtype=torch.float32)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    A = torch.randn(4, a.dim).mul(0.1).requires_grad_()
+    Bf = torch.zeros(a.n_heads * a.head_dim, 4, requires_grad=True)
+    opt = torch.optim.AdamW([A, Bf], lr=1e-2)
+    loss = m(torch.tensor([[1, 2, 3]]), deltas={(0, "q"): (A, Bf)}, last_only=True)[0, 0]
+    loss.backward()
+    opt.step()
+    assert Bf.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+class PadTok:
+    """The one piece of llama.Tokenizer that collm.collate uses: left padding of id lists (pad id 9 here)."""
+
+    def batch(self, seqs, device):
+        b = _batch(seqs, [0] * len(seqs), [0] * len(seqs), pad=9)
+        return b["tokens"], b["mask"]
+
+
+def test_collm_placeholders_and_zero_cie():
+    llm = random_llama(tiny_args(), dtype=torch.float32)
+    m = collm.CoLLM(llm, None, [5, 7], FakeCF(), delta_dropout=0.0).eval()
+    seqs = [[3, 4, 0, 5, 0, 6], [7, 0, 8, 0]]                                   # placeholder id 0 at known places
+    slots = torch.tensor([[2, 4], [1, 3]]).numpy()
+    split = type("S", (), dict(uid=torch.tensor([1, 2]).numpy(), iid=torch.tensor([3, 4]).numpy(),
+                               label=torch.tensor([1.0, 0.0]).numpy(), history=[np.array([5, 6]), np.array([], int)]))
+    tok = PadTok()
+    b = collm.collate(tok, seqs, slots, split, [0, 1], "cpu")
+    assert b["slots"].tolist() == [[2, 4], [3, 5]]                             # shifted by row 2's left padding
+    assert b["his"].shape == (2, 25) and b["his"][0, -2:].tolist() == [5, 6] and not b["his"][1].any()
+    assert (b["tokens"].gather(1, b["slots"]) == 0).all()
+    with torch.no_grad():
+        m.cie[-1].weight.zero_(), m.cie[-1].bias.zero_()                      # CIE output = 0 at the placeholders
+        rows = torch.tensor([[0, 0], [1, 1]])
+        emb = llm.embed_tokens(b["tokens"]).index_put((rows, b["slots"]), torch.zeros(2, 2, 32))
+        torch.testing.assert_close(m(b), m.logits(b, embeds=emb, deltas=m.lora.deltas()))
+        assert not torch.equal(m(b), m.logits(b, deltas=m.lora.deltas()))   # the placeholder token itself is replaced
+
+
+def test_answer_ids_and_length_buckets(tmp_path):
+    texts = ([f"#Question: movie {i} is good? \\n#Answer: Yes" for i in range(50)] +
+             [f"#Question: movie {i} is bad? \\n#Answer: No" for i in range(50)])
+    folder = llama.build_tiny_llama(str(tmp_path), texts, vocab_size=80)
+    tok = Tokenizer(folder)
+    yes, no = collm.answer_ids(tok, "#Question: movie 3 is good? \\n#Answer:")
+    assert yes != no and tok.decode([yes]).strip() == "Yes"[:len(tok.decode([yes]).strip())]
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    for shuffle in (False, True):
+        bs = collm.batches(lengths, 3, shuffle, seed=1, pool=2)
+        assert sorted(int(i) for b in bs for i in b) == list(range(10))
+    assert [lengths[i] for b in collm.batches(lengths, 3, False) for i in b] == sorted(lengths)
+
+
+def test_one_step_changes_only_trainable_parameters():
+    for make in (lambda llm: collm.TALLRec(llm, None, [5, 7]), lambda llm: collm.CoLLM(llm, None, [5, 7], FakeCF()),
+                 lambda llm: _cora(std=0)):
+        m = make(random_llama(tiny_args(), dtype=torch.float32)).train()
+        frozen_state = lambda: {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("llm.", "cf."))}
+        frozen = frozen_state()
+        assert not m.llm.training and not getattr(m, "cf", m.llm).training
+        params = [p for p in m.parameters() if p.requires_grad]
+        before = [p.clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        b = _batch([[3, 4, 0, 5, 0], [6, 0, 7, 0]], [1, 2], [3, 4])
+        b["slots"] = torch.tensor([[2, 4], [2, 4]])
+        F.binary_cross_entropy_with_logits(m(b), torch.tensor([1.0, 0.0])).backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, params))
+        after = frozen_state()
+        assert frozen.keys() == after.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)
+
+
+# ----------------------------------------------------------------------------- cf.py: MF, LightGCN, SASRec, metrics
 
 class _OneThread:
     """Small CPU models run fastest on one thread of a shared machine; restore the setting afterwards."""
@@ -652,7 +840,115 @@ class _OneThread:
         torch.set_num_threads(self.n)
 
 
-# ----------------------------------------------------------------------------------------------------------- metrics
+def test_lightgcn_propagation_matches_dense_computation():
+    train = data.Interactions(np.array([1, 1, 2, 2, 3, 1]), np.array([1, 2, 2, 3, 1, 1]),
+                              np.array([1, 1, 1, 0, 1, 1], np.float32), np.arange(6), [np.array([], np.int64)] * 6,
+                              np.ones(6, bool))   # (1, 1) liked twice; (2, 3) disliked -> no edge; item 4 isolated
+    torch.manual_seed(0)
+    model = cf.LightGCN(n_users=4, n_items=5, dim=3, n_layers=2, train=train).eval()
+    a = np.zeros((9, 9))
+    for u, i in [(1, 1), (1, 2), (2, 2), (3, 1), (1, 1)]:
+        a[u, 4 + i] += 1
+        a[4 + i, u] += 1
+    degree = a.sum(1)
+    d = np.where(degree > 0, 1 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
+    norm = d[:, None] * a * d[None, :]
+    assert np.allclose(model.graph.to_dense().numpy(), norm)
+    e0 = torch.cat([model.user.weight, model.item.weight]).detach().double().numpy()
+    expected = (e0 + norm @ e0 + norm @ norm @ e0) / 3
+    users, items = model.tables()
+    assert np.allclose(users.numpy(), expected[:4], atol=1e-6) and np.allclose(items.numpy(), expected[4:], atol=1e-6)
+    e_u, e_i = model.embed(torch.tensor([1, 3]), torch.tensor([2, 4]))
+    assert e_u.shape == (2, 3) and np.allclose(e_i[1].numpy(), expected[4 + 4], atol=1e-6)
+    assert np.allclose(model(torch.tensor([1]), torch.tensor([2])).item(), expected[1] @ expected[6], atol=1e-6)
+
+
+def test_mf_and_lightgcn_learn_on_toy_deterministically():
+    ds = data.make_toy()
+    with _OneThread():
+        for kind in ("mf", "lightgcn"):
+            model, result = cf.train_cf(kind, ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=12, patience=3,
+                                        seed=0, init_std=0.1, log=lambda s: None)
+            assert result["valid"]["auc"] > 0.6 and result["test"]["auc"] > 0.6, (kind, result)
+            assert not model.training and model.dim == 32
+            cold_users = torch.from_numpy(np.setdiff1d(np.arange(ds.n_users), ds.train.uid))   # padding 0 included
+            e_u, _ = model.embed(cold_users, torch.ones_like(cold_users))
+            assert len(cold_users) > 1 and torch.all(e_u == 0)        # ids absent from train stay exactly zero
+        lines = [[], []]
+        for run in lines:
+            cf.train_cf("lightgcn", ds, 16, 1e-2, 1e-4, 512, 2, 2, seed=3, log=run.append)
+        assert [s.split("|")[:4] for s in lines[0]] == [s.split("|")[:4] for s in lines[1]]
+        assert re.fullmatch(r"epoch +1 \| loss \d\.\d{4} \| valid auc 0\.\d{4} \| test auc 0\.\d{4} \| [\d.]+s",
+                            lines[0][-1])
+
+
+def test_toy_mf_reproduces_the_readme_figure(tmp_path):
+    """The README's toy MF row (test AUC 0.6559, UAUC 0.6728): pins the RNG order of CF initialisation."""
+    with _OneThread():
+        _, res = cf.run_cf("toy", "mf", str(tmp_path), log=lambda *a: None)
+    assert abs(res["test"]["auc"] - 0.6559) < 1e-4 and abs(res["test"]["uauc"] - 0.6728) < 1e-4, res["test"]
+
+
+def test_sasrec_causal_padding_ignored_and_history_read():
+    torch.manual_seed(0)
+    m = cf.SASRec(5, 40, dim=16, n_layers=2, n_heads=2, maxlen=25, init_std=0.3).eval()
+    his = torch.randint(1, 40, (3, 25))
+    his[2, :20] = 0                                                         # a short history, left-padded
+    out = m.encode(his, every_position=True)                               # (3, 25, 16)
+    later = his.clone()
+    later[:, 15:] = torch.randint(1, 40, (3, 10))                           # change only positions 15..24
+    assert torch.allclose(m.encode(later, every_position=True)[:, :15], out[:, :15], atol=1e-6)  # causal
+    assert not torch.allclose(m.encode(later), out[:, -1])
+    short = his[2:, 15:]                                                    # the same 5 items with less padding
+    assert torch.allclose(m.encode(short), out[2:, -1], atol=1e-5)          # padded keys take no attention
+    assert torch.equal(m.encode(torch.zeros(1, 25, dtype=torch.long)), torch.zeros(1, 16))  # empty history: no signal
+    with pytest.raises(ValueError, match="history"):
+        m.embed(torch.tensor([1]), torch.tensor([2]))
+
+
+def test_sasrec_learns_on_toy_and_round_trips(tmp_path):
+    ds = data.make_toy()
+    m, res = cf.train_cf("sasrec", ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=4, patience=2, seed=0,
+                         log=lambda *a: None)
+    assert res["valid"]["auc"] > 0.56 and res["test"]["auc"] > 0.56, res
+    assert res["test"]["cold_auc"] > 0.53  # unlike MF, it reads the history of cold users
+    cf.save_cf(str(tmp_path / "s.safetensors"), m, {"dataset": "toy"})
+    loaded = cf.load_cf(str(tmp_path / "s.safetensors"), kind="sasrec")
+    assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(m, ds.test))
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    ds = data.make_toy()
+    torch.manual_seed(0)
+    models = [cf.MF(ds.n_users, ds.n_items, 8, init_std=0.1), cf.LightGCN(ds.n_users, ds.n_items, 8, 2, ds.train)]
+    for model in models:
+        path = str(tmp_path / f"{model.kind}.safetensors")
+        cf.save_cf(path, model, {"dataset": "toy", "lr": 0.01})
+        assert os.listdir(tmp_path).count(f"{model.kind}.safetensors") == 1
+        loaded = cf.load_cf(path, kind=model.kind)
+        assert type(loaded) is type(model) and not loaded.training and loaded.dim == 8
+        assert not any(p.requires_grad for p in loaded.parameters())
+        assert loaded.meta["dataset"] == "toy" and json.loads(loaded.meta["lr"]) == 0.01
+        assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(model, ds.test))
+        e_u, e_i = loaded.embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
+        assert e_u.shape == e_i.shape == (5, 8)
+        e_u2, e_i2 = loaded.train().embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
+        assert torch.equal(e_u, e_u2) and torch.equal(e_i, e_i2)   # frozen: same embeddings inside a module in train()
+    assert sorted(os.listdir(tmp_path)) == ["lightgcn.safetensors", "mf.safetensors"]   # no temporary files left
+    with pytest.raises(ValueError, match="holds a mf model"):
+        cf.load_cf(str(tmp_path / "mf.safetensors"), kind="lightgcn")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        cf.load_cf(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(FileNotFoundError, match="train.py"):
+        cf.load_cf(str(tmp_path / "missing.safetensors"))
+
+
+def _pairwise_auc(labels, scores):
+    """Naive O(n^2) AUC: P(score_pos > score_neg) + 0.5 P(tie)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+
 
 def test_auc_hand_values_with_ties():
     assert cf.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
@@ -720,7 +1016,12 @@ def test_evaluate_warm_cold_and_undefined_subsets():
     assert out["cold_auc"] is None and out["cold_uauc"] is None      # one class: None, not a crash
 
 
-# -------------------------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data.py: datasets, prompts, TSVs
+
+def _unix(day):
+    """'2001-06-05' -> unix seconds at noon UTC."""
+    return int(np.datetime64(f"{day}T12:00:00", "s").astype(np.int64))
+
 
 def _write_ml1m_raw(folder):
     movies = "10::Alpha (1990)::Drama\n20::Beta (1991)::Comedy\n30::Gamma (1992)::Action\n40::Amélie (2001)::Comedy\n"
@@ -733,7 +1034,7 @@ def _write_ml1m_raw(folder):
         (5, 40, 4, "2002-05-01"),   # month 25: valid
         (9, 20, 2, "2002-05-02"),   # valid
         (5, 30, 1, "2002-10-01"),   # month 30: test
-        (9, 40, 5, "2002-10-01"),   # test; tied with the next row: movie 10 appeared first in this file -> it goes first
+        (9, 40, 5, "2002-10-01"),   # test; tied with the next row: movie 10 appeared first in this file -> goes first
         (5, 99, 5, "2002-06-01"),   # unknown movie: dropped by the inner join
         (9, 10, 4, "2002-10-01"),   # test
         (5, 20, 4, "2003-01-31"),   # month 33: test
@@ -802,6 +1103,45 @@ def test_amazon_recipe_on_generated_sample(tmp_path):
         '#Question: A user has given high ratings to the following books: "Book Two", "Book Three". Leverage')
 
 
+@needs_ml1m
+def test_ml1m_tsv_split_sizes_and_statistics():
+    ds = data.load_dataset("ml-1m", ML1M)
+    assert (len(ds.train), len(ds.valid), len(ds.test), len(ds.valid_small)) == (33_891, 10_401, 7_331, 5_200)
+    assert (ds.n_users, ds.n_items, ds.kind, ds.n_history) == (839, 3_256, "movie", 10)
+    assert [round(float(s.label.mean()), 3) for s in (ds.train, ds.valid, ds.test)] == [0.537, 0.528, 0.545]
+    assert ds.train.warm.all() and round(float(ds.valid.warm.mean()), 3) == 0.635
+    assert len(np.unique(ds.test.uid)) == 320 and len(np.unique(ds.test.iid)) == 2_203
+    assert ds.titles[1] == "Shawshank Redemption, The (1994)" and ds.train.history[1].tolist() == [1]
+
+
+@needs_ml1m
+def test_ml1m_raw_recipe_reproduces_the_tsvs(tmp_path):
+    """Rebuild a ratings.dat from the TSVs (raw ids, a shuffled order) and check the recipe gives them back.
+    Tied rows (one user, one second) keep the official pandas order, i.e. movies in first-appearance order of
+    ratings.dat, so the file starts with one dropped row per movie in an order consistent with the TSV ties."""
+    ds = data.load_dataset("ml-1m", ML1M)
+    every = (ds.train, ds.valid, ds.test)
+    u, i, y, t = (np.concatenate([getattr(s, c) for s in every]) for c in ("uid", "iid", "label", "timestamp"))
+    tied = np.flatnonzero((u[1:] == u[:-1]) & (t[1:] == t[:-1]))       # the TSVs are in walk order
+    order = TopologicalSorter({k: set() for k in range(1, ds.n_items)})
+    for k in tied:
+        order.add(int(i[k + 1]), int(i[k]))
+    items = open(os.path.join(ML1M, "items.tsv"), encoding="utf-8").read().split("\n")[1:]
+    movie_id = {int(r.split("\t")[0]): int(r.split("\t")[1]) for r in items if r}
+    movies = list(order.static_order())
+    lines = [f"1::{movie_id[movies[0]]}::5::{_unix('2000-04-25')}\n"]                         # month 0
+    lines += [f"9999::{movie_id[m]}::3::{_unix('2003-03-01')}\n" for m in movies]            # month 35: dropped
+    lines += [f"{3 * u[k] + 10}::{movie_id[i[k]]}::{5 if y[k] else 2}::{t[k]}\n"
+              for k in np.random.default_rng(0).permutation(len(u))]
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("".join(lines), encoding="latin-1")
+    raw = data.ml1m_from_raw(str(ratings), os.path.join(ML1M, "movies.dat"))
+    assert (raw.n_users, raw.n_items, raw.titles) == (ds.n_users, ds.n_items, ds.titles)
+    for a, b in zip(every, (raw.train, raw.valid, raw.test)):
+        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("uid", "iid", "label", "timestamp", "warm"))
+        assert all(np.array_equal(x, z) for x, z in zip(a.history, b.history))
+
+
 def test_toy_dataset_deterministic_schema_and_signal():
     t0 = time.time()
     ds = data.load_dataset("toy")
@@ -829,6 +1169,13 @@ def test_toy_dataset_deterministic_schema_and_signal():
         assert len(history[k]) == earlier.sum()       # no timestamp ties in the toy data
 
 
+def _tiny_dataset(kind="movie", n_history=2):
+    rows = data.Interactions(np.array([1, 1]), np.array([1, 2]), np.array([1.0, 0.0], np.float32),
+                             np.array([10, 20]), [np.array([], np.int64), np.array([1])], np.array([True, True]))
+    titles = ["", "Heat (1995)", " Up (2009) ", "Fargo (1996)"]
+    return data.Dataset("tiny", kind, 2, 4, titles, rows, rows, rows, n_history=n_history)
+
+
 def test_id_only_prompts_have_no_titles_and_the_same_items():
     ds = data.make_toy()
     ids = data.id_only(ds)
@@ -836,7 +1183,8 @@ def test_id_only_prompts_have_no_titles_and_the_same_items():
         for a, b, h, i in zip(data.prompts(ds, "test", template)[:300], data.prompts(ids, "test", template),
                               ds.test.history, ds.test.iid):
             assert not any(ds.titles[j] in b for j in [*h.tolist(), i] if ds.titles[j])
-            assert a.count('"') == b.count('"') and b.count('"item ') == a.count('"') // 2 - 2  # same items; "Yes", "No"
+            assert a.count('"') == b.count('"')  # the same items
+            assert b.count('"item ') == a.count('"') // 2 - 2  # every title but "Yes", "No"
             assert f'titled "item {i}"' in b
 
 
@@ -918,319 +1266,13 @@ def test_raw_files_errors_name_file_and_line(tmp_path):
         data.ml1m_from_raw(str(tmp_path / "nope.dat"), movies)
 
 
-@needs_ml1m
-def test_ml1m_tsv_split_sizes_and_statistics():
-    ds = data.load_dataset("ml-1m", ML1M)
-    assert (len(ds.train), len(ds.valid), len(ds.test), len(ds.valid_small)) == (33_891, 10_401, 7_331, 5_200)
-    assert (ds.n_users, ds.n_items, ds.kind, ds.n_history) == (839, 3_256, "movie", 10)
-    assert [round(float(s.label.mean()), 3) for s in (ds.train, ds.valid, ds.test)] == [0.537, 0.528, 0.545]
-    assert ds.train.warm.all() and round(float(ds.valid.warm.mean()), 3) == 0.635
-    assert len(np.unique(ds.test.uid)) == 320 and len(np.unique(ds.test.iid)) == 2_203
-    assert ds.titles[1] == "Shawshank Redemption, The (1994)" and ds.train.history[1].tolist() == [1]
-
-
-@needs_ml1m
-def test_ml1m_raw_recipe_reproduces_the_tsvs(tmp_path):
-    """Rebuild a ratings.dat from the TSVs (raw ids, a shuffled order) and check the recipe gives them back.
-    Tied rows (one user, one second) keep the official pandas order, i.e. movies in first-appearance order of
-    ratings.dat, so the file starts with one dropped row per movie in an order consistent with the TSV ties."""
-    from graphlib import TopologicalSorter
-    ds = data.load_dataset("ml-1m", ML1M)
-    every = (ds.train, ds.valid, ds.test)
-    u, i, y, t = (np.concatenate([getattr(s, c) for s in every]) for c in ("uid", "iid", "label", "timestamp"))
-    tied = np.flatnonzero((u[1:] == u[:-1]) & (t[1:] == t[:-1]))       # the TSVs are in walk order
-    order = TopologicalSorter({k: set() for k in range(1, ds.n_items)})
-    for k in tied:
-        order.add(int(i[k + 1]), int(i[k]))
-    items = open(os.path.join(ML1M, "items.tsv"), encoding="utf-8").read().split("\n")[1:]
-    movie_id = {int(r.split("\t")[0]): int(r.split("\t")[1]) for r in items if r}
-    movies = list(order.static_order())
-    lines = [f"1::{movie_id[movies[0]]}::5::{_unix('2000-04-25')}\n"]                         # month 0
-    lines += [f"9999::{movie_id[m]}::3::{_unix('2003-03-01')}\n" for m in movies]            # month 35: dropped
-    lines += [f"{3 * u[k] + 10}::{movie_id[i[k]]}::{5 if y[k] else 2}::{t[k]}\n"
-              for k in np.random.default_rng(0).permutation(len(u))]
-    ratings = tmp_path / "ratings.dat"
-    ratings.write_text("".join(lines), encoding="latin-1")
-    raw = data.ml1m_from_raw(str(ratings), os.path.join(ML1M, "movies.dat"))
-    assert (raw.n_users, raw.n_items, raw.titles) == (ds.n_users, ds.n_items, ds.titles)
-    for a, b in zip(every, (raw.train, raw.valid, raw.test)):
-        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("uid", "iid", "label", "timestamp", "warm"))
-        assert all(np.array_equal(x, z) for x, z in zip(a.history, b.history))
-
-
-# ------------------------------------------------------------------------------------------------------------ models
-
-def test_lightgcn_propagation_matches_dense_computation():
-    train = data.Interactions(np.array([1, 1, 2, 2, 3, 1]), np.array([1, 2, 2, 3, 1, 1]),
-                              np.array([1, 1, 1, 0, 1, 1], np.float32), np.arange(6), [np.array([], np.int64)] * 6,
-                              np.ones(6, bool))   # (1, 1) liked twice; (2, 3) disliked -> no edge; item 4 isolated
-    torch.manual_seed(0)
-    model = cf.LightGCN(n_users=4, n_items=5, dim=3, n_layers=2, train=train).eval()
-    a = np.zeros((9, 9))
-    for u, i in [(1, 1), (1, 2), (2, 2), (3, 1), (1, 1)]:
-        a[u, 4 + i] += 1
-        a[4 + i, u] += 1
-    degree = a.sum(1)
-    d = np.where(degree > 0, 1 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
-    norm = d[:, None] * a * d[None, :]
-    assert np.allclose(model.graph.to_dense().numpy(), norm)
-    e0 = torch.cat([model.user.weight, model.item.weight]).detach().double().numpy()
-    expected = (e0 + norm @ e0 + norm @ norm @ e0) / 3
-    users, items = model.tables()
-    assert np.allclose(users.numpy(), expected[:4], atol=1e-6) and np.allclose(items.numpy(), expected[4:], atol=1e-6)
-    e_u, e_i = model.embed(torch.tensor([1, 3]), torch.tensor([2, 4]))
-    assert e_u.shape == (2, 3) and np.allclose(e_i[1].numpy(), expected[4 + 4], atol=1e-6)
-    assert np.allclose(model(torch.tensor([1]), torch.tensor([2])).item(), expected[1] @ expected[6], atol=1e-6)
-
-
-def test_mf_and_lightgcn_learn_on_toy_deterministically():
-    ds = data.make_toy()
-    with _OneThread():
-        for kind in ("mf", "lightgcn"):
-            model, result = cf.train_cf(kind, ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=12, patience=3,
-                                        seed=0, init_std=0.1, log=lambda s: None)
-            assert result["valid"]["auc"] > 0.6 and result["test"]["auc"] > 0.6, (kind, result)
-            assert not model.training and model.dim == 32
-            cold_users = torch.from_numpy(np.setdiff1d(np.arange(ds.n_users), ds.train.uid))   # padding 0 included
-            e_u, _ = model.embed(cold_users, torch.ones_like(cold_users))
-            assert len(cold_users) > 1 and torch.all(e_u == 0)        # ids absent from train stay exactly zero
-        lines = [[], []]
-        for run in lines:
-            cf.train_cf("lightgcn", ds, 16, 1e-2, 1e-4, 512, 2, 2, seed=3, log=run.append)
-        assert [s.split("|")[:4] for s in lines[0]] == [s.split("|")[:4] for s in lines[1]]
-        assert re.fullmatch(r"epoch +1 \| loss \d\.\d{4} \| valid auc 0\.\d{4} \| test auc 0\.\d{4} \| [\d.]+s",
-                            lines[0][-1])
-
-
-def test_toy_mf_reproduces_the_readme_figure(tmp_path):
-    """The README's toy MF row (test AUC 0.6559, UAUC 0.6728): pins the RNG order of CF initialisation."""
-    with _OneThread():
-        _, res = train.run_cf("toy", "mf", str(tmp_path), log=lambda *a: None)
-    assert abs(res["test"]["auc"] - 0.6559) < 1e-4 and abs(res["test"]["uauc"] - 0.6728) < 1e-4, res["test"]
-
-
-def test_checkpoint_round_trip_and_errors(tmp_path):
-    ds = data.make_toy()
-    torch.manual_seed(0)
-    models = [cf.MF(ds.n_users, ds.n_items, 8, init_std=0.1), cf.LightGCN(ds.n_users, ds.n_items, 8, 2, ds.train)]
-    for model in models:
-        path = str(tmp_path / f"{model.kind}.safetensors")
-        cf.save_cf(path, model, {"dataset": "toy", "lr": 0.01})
-        assert os.listdir(tmp_path).count(f"{model.kind}.safetensors") == 1
-        loaded = cf.load_cf(path, kind=model.kind)
-        assert type(loaded) is type(model) and not loaded.training and loaded.dim == 8
-        assert not any(p.requires_grad for p in loaded.parameters())
-        assert loaded.meta["dataset"] == "toy" and json.loads(loaded.meta["lr"]) == 0.01
-        assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(model, ds.test))
-        e_u, e_i = loaded.embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
-        assert e_u.shape == e_i.shape == (5, 8)
-        e_u2, e_i2 = loaded.train().embed(torch.from_numpy(ds.test.uid[:5]), torch.from_numpy(ds.test.iid[:5]))
-        assert torch.equal(e_u, e_u2) and torch.equal(e_i, e_i2)   # frozen: same embeddings inside a module in train()
-    assert sorted(os.listdir(tmp_path)) == ["lightgcn.safetensors", "mf.safetensors"]   # no temporary files left
-    with pytest.raises(ValueError, match="holds a mf model"):
-        cf.load_cf(str(tmp_path / "mf.safetensors"), kind="lightgcn")
-    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
-        cf.load_cf(str(tmp_path / "bad.safetensors"))
-    with pytest.raises(FileNotFoundError, match="train.py"):
-        cf.load_cf(str(tmp_path / "missing.safetensors"))
-
-
-# ----------------------------------------------------------------------------- cora.py / collm.py
-
-
-class FakeCF(torch.nn.Module):
-    """A stand-in CF model: random user/item tables behind the `embed` interface of cf.py."""
-
-    def __init__(self, n_users=9, n_items=11, dim=8, std=0.3):
-        super().__init__()
-        self.dim, self.u, self.i = dim, torch.nn.Embedding(n_users, dim), torch.nn.Embedding(n_items, dim)
-        torch.nn.init.normal_(self.u.weight, std=std), torch.nn.init.normal_(self.i.weight, std=std)
-
-    def embed(self, uid, iid, his=None):
-        return self.u(uid), self.i(iid)
-
-
-class PadTok:
-    """The one piece of llama.Tokenizer that collm.collate uses: left padding of id lists (pad id 9 here)."""
-
-    def batch(self, seqs, device):
-        b = _batch(seqs, [0] * len(seqs), [0] * len(seqs), pad=9)
-        return b["tokens"], b["mask"]
-
-
-def _batch(rows, uid, iid, pad=0):
-    T = max(map(len, rows))
-    return dict(tokens=torch.tensor([[pad] * (T - len(r)) + r for r in rows]),
-                mask=torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
-                uid=torch.tensor(uid), iid=torch.tensor(iid), label=torch.ones(len(rows)))
-
-
-def _cora(weight_types="qkvo", std=0.3, seed=0):
-    llm = random_llama(tiny_args(), dtype=torch.float32, seed=seed)
-    torch.manual_seed(seed)
-    m = cora.CoRA(llm, None, [5, 7], FakeCF(), weight_types=weight_types, r=4, alpha=8, n_blocks=2, n_heads=2,
-                  ffn_dim=24, gen_dropout=0.0, delta_dropout=0.0).eval()
-    if std:  # large, non-zero W_proj so that W_c matters; a generator whose output clearly depends on its input
-        with torch.no_grad():  # (the official BERT init, N(0, 0.02), makes the queries nearly the same at step 0)
-            for p in m.proj.values():
-                p.normal_(0, std)
-            for lin in (x for x in m.generator.modules() if isinstance(x, torch.nn.Linear)):
-                lin.weight.normal_(0, lin.in_features ** -0.5)
-            m.fc.weight.mul_(30)
-    return m
-
-
-@pytest.mark.parametrize("weight_types", list(cora.WEIGHT_TYPES))
-def test_cora_equals_materialised_per_example_merge(weight_types):
-    m = _cora(weight_types)
-    rows = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
-    b = _batch(rows, [1, 2, 3], [4, 5, 6])
-    with torch.no_grad():
-        out = m(b)
-        A = m.factor(m.fc, m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None]))  # (B, r, d)
-        A_f = m.factor(m.fc_ffn, m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None])) if m.fc_ffn else None
-        base = {k: v.clone() for k, v in m.llm.state_dict().items()}
-        for j, r in enumerate(rows):  # naive: build W + W_c for example j, run the plain LLM on its prompt alone
-            for l, p in m.targets:
-                blk = m.llm.layers[l]
-                lin = getattr(blk.self_attn if p in "qkvo" else blk.mlp, f"{p}_proj")
-                a = A_f[j] if p == "down" else A[j]
-                W_c = m.scale * m.proj[f"{l}_{p}"] @ a                           # (d_out, d_in)
-                lin.weight.copy_(base[f"layers.{l}.{'self_attn' if p in 'qkvo' else 'mlp'}.{p}_proj.weight"] + W_c)
-            ref = m.llm(torch.tensor([r]), last_only=True, token_ids=m.yes_no)[0, 0]
-            m.llm.load_state_dict(base)
-            torch.testing.assert_close(out[j], ref, atol=1e-5, rtol=0)
-    assert (out - m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]).abs().min() > 1e-3
-
-
-def test_cora_per_pair_weights_and_batch_invariance():
-    m = _cora()
-    with torch.no_grad():
-        d = m.deltas(torch.tensor([1, 2, 1]), torch.tensor([4, 4, 4]))
-        A = d[(0, "q")][0]
-        assert (A[0] - A[1]).abs().max() > 1e-3 and torch.equal(A[0], A[2])
-        alone = m(_batch([[3, 4, 5]], [1], [4]))
-        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
-    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
-
-
-def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
-    uid, iid = torch.arange(9).repeat(2)[:15], torch.arange(11).flip(0).repeat(2)[:15]  # the "train" rows
-    u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-    m, c = _cora(), collm.CoLLM(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7], FakeCF(), delta_dropout=0.0)
-    with torch.no_grad():
-        for model in (m, c):
-            model.cf.u.weight.add_(torch.linspace(-5, 5, 8)), model.cf.i.weight.mul_(0.01)  # shared offset, tiny scale
-            model.standardize(uid, iid, chunk=4)
-            x = torch.cat([model.cf.u.weight[uid], model.cf.i.weight[iid]], -1).double()  # (15, 16)
-            mean, std = x.sum(0) / 15, ((x - x.sum(0) / 15) ** 2).sum(0).div(14).sqrt()
-            torch.testing.assert_close(model.x_mean, mean.float()), torch.testing.assert_close(model.x_std, std.float())
-            z = ((torch.cat([model.cf.u.weight[u], model.cf.i.weight[i]], -1) - mean) / std).float()  # (3, 16)
-            if model is m:  # CoRA: the generator reads the standardised [e_u, e_i]
-                torch.testing.assert_close(m.deltas(u, i)[(1, "o")][0], m.factor(m.fc, m.generator(z[:, None])),
-                                           atol=1e-6, rtol=0)
-            else:           # CoLLM: the CIE maps the standardised e_u and e_i into the placeholders
-                emb = c.embed(torch.tensor([[3, 0, 4, 0]] * 3), u, i, torch.tensor([[1, 3]] * 3))
-                torch.testing.assert_close(emb[:, [1, 3]], c.cie(z.view(3, 2, 8)), atol=1e-6, rtol=0)
-            assert {"x_mean", "x_std"} <= set(model.trainable_state())
-        alone = m(_batch([[3, 4, 5]], [1], [4]))
-        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
-        torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)  # fixed statistics: batch-invariant
-        again = _cora()
-        again.cf.load_state_dict(m.cf.state_dict())
-        again.load_state_dict(m.trainable_state(), strict=False)  # what a run saves restores the statistics
-        assert torch.equal(again(_batch([[3, 4, 5]], [1], [4])), alone)
-    assert "x_mean" not in collm.TALLRec(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7]).trainable_state()
-
-
-def test_cf_norm_default_is_standard_for_sasrec_only():
-    for method, cf_name, flag, want in [
-            ("cora", "mf", [], "none"), ("cora", "lightgcn", [], "none"), ("cora", "sasrec", [], "standard"),
-            ("collm", "sasrec", [], "standard"), ("collm", "mf", [], "none"), ("tallrec", "sasrec", [], "none"),
-            ("cora", "sasrec", ["--cf-norm", "none"], "none"), ("collm", "mf", ["--cf-norm", "standard"], "standard")]:
-        args = train.cli().parse_args(["--method", method, "--cf", cf_name, *flag])
-        assert train.fill_llm_defaults(args).cf_norm == want
-
-
-def test_cora_zero_init_is_base_llm():
-    m = _cora(std=0)
-    b = _batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
-    base = m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]
-    assert torch.equal(m(b), base)
-
-
-def test_cora_gradients_reach_only_generator_and_heads():
-    m = _cora(weight_types="qkvof").train()
-    with torch.no_grad():
-        for p in m.proj.values():
-            p.normal_(0, 0.3)
-    F.binary_cross_entropy_with_logits(m(_batch([[3, 4, 5], [6, 7]], [1, 2], [3, 4])), torch.tensor([1.0, 0.0])).backward()
-    trainable = dict(m.named_parameters())
-    assert all(p.grad is None for p in m.llm.parameters()) and all(p.grad is None for p in m.cf.parameters())
-    assert not any(k.startswith(("llm.", "cf.")) for k, p in trainable.items() if p.requires_grad)
-    for k in ["generator.queries", "generator.blocks.0.cross_attn.v.weight", "fc.weight", "fc_ffn.weight", "proj.0_q", "proj.1_down"]:
-        assert trainable[k].grad is not None and trainable[k].grad.abs().sum() > 0, k
-
-
-def test_collm_placeholders_and_zero_cie():
-    llm = random_llama(tiny_args(), dtype=torch.float32)
-    m = collm.CoLLM(llm, None, [5, 7], FakeCF(), delta_dropout=0.0).eval()
-    seqs = [[3, 4, 0, 5, 0, 6], [7, 0, 8, 0]]                                   # placeholder id 0 at known places
-    slots = torch.tensor([[2, 4], [1, 3]]).numpy()
-    split = type("S", (), dict(uid=torch.tensor([1, 2]).numpy(), iid=torch.tensor([3, 4]).numpy(),
-                               label=torch.tensor([1.0, 0.0]).numpy(), history=[np.array([5, 6]), np.array([], int)]))
-    tok = PadTok()
-    b = collm.collate(tok, seqs, slots, split, [0, 1], "cpu")
-    assert b["slots"].tolist() == [[2, 4], [3, 5]]                             # shifted by row 2's left padding
-    assert b["his"].shape == (2, 25) and b["his"][0, -2:].tolist() == [5, 6] and not b["his"][1].any()
-    assert (b["tokens"].gather(1, b["slots"]) == 0).all()
-    with torch.no_grad():
-        m.cie[-1].weight.zero_(), m.cie[-1].bias.zero_()                      # CIE output = 0 at the placeholders
-        emb = llm.embed_tokens(b["tokens"]).index_put((torch.tensor([[0, 0], [1, 1]]), b["slots"]), torch.zeros(2, 2, 32))
-        torch.testing.assert_close(m(b), m.logits(b, embeds=emb, deltas=m.lora.deltas()))
-        assert not torch.equal(m(b), m.logits(b, deltas=m.lora.deltas()))   # the placeholder token itself is replaced
-
-
-def test_one_step_changes_only_trainable_parameters():
-    for make in (lambda llm: collm.TALLRec(llm, None, [5, 7]), lambda llm: collm.CoLLM(llm, None, [5, 7], FakeCF()),
-                 lambda llm: _cora(std=0)):
-        m = make(random_llama(tiny_args(), dtype=torch.float32)).train()
-        frozen_state = lambda: {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("llm.", "cf."))}
-        frozen = frozen_state()
-        assert not m.llm.training and not getattr(m, "cf", m.llm).training
-        params = [p for p in m.parameters() if p.requires_grad]
-        before = [p.clone() for p in params]
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        b = _batch([[3, 4, 0, 5, 0], [6, 0, 7, 0]], [1, 2], [3, 4])
-        b["slots"] = torch.tensor([[2, 4], [2, 4]])
-        F.binary_cross_entropy_with_logits(m(b), torch.tensor([1.0, 0.0])).backward()
-        opt.step()
-        assert any(not torch.equal(a, p) for a, p in zip(before, params))
-        after = frozen_state()
-        assert frozen.keys() == after.keys() and all(torch.equal(frozen[k], after[k]) for k in frozen)
-
-
-def test_answer_ids_and_length_buckets(tmp_path):
-    folder = llama.build_tiny_llama(str(tmp_path), [f"#Question: movie {i} is good? \\n#Answer: Yes" for i in range(50)] +
-                                    [f"#Question: movie {i} is bad? \\n#Answer: No" for i in range(50)], vocab_size=80)
-    tok = Tokenizer(folder)
-    yes, no = collm.answer_ids(tok, "#Question: movie 3 is good? \\n#Answer:")
-    assert yes != no and tok.decode([yes]).strip() == "Yes"[:len(tok.decode([yes]).strip())]
-    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
-    for shuffle in (False, True):
-        bs = collm.batches(lengths, 3, shuffle, seed=1, pool=2)
-        assert sorted(int(i) for b in bs for i in b) == list(range(10))
-    assert [lengths[i] for b in collm.batches(lengths, 3, False) for i in b] == sorted(lengths)
-
-
-# ----------------------------------------------------------------------------- train.py end to end
+# ----------------------------------------------------------------------------- train.py: training, running, analyses
 
 def _train_log(tmp, *argv, threads=1):
     """train.py in a subprocess (stdout + stderr piped, unbuffered)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", str(threads),
-                             *argv], env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", str(threads), *argv]
+    return subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _train(tmp, *argv):
@@ -1243,7 +1285,8 @@ def _train(tmp, *argv):
 def test_toy_end_to_end_cora_learns_in_bf16_as_in_fp32_and_collm_runs(tmp_path):
     """Tiny untrained LLaMA + toy data: CoRA's valid AUC clearly above 0.5 after 300 steps, and the bf16 run's test
     AUC within 0.005 of the fp32 run's (measured 0.5937 / 0.5936); CoLLM's two steps run."""
-    argv = ["--method", "cora", "--max-steps", "300", "--eval-every", "100", "--valid-limit", "800", "--test-limit", "600"]
+    argv = ["--method", "cora", "--max-steps", "300", "--eval-every", "100", "--valid-limit", "800",
+            "--test-limit", "600"]
     _train(tmp_path / "fp32", *argv, "--dtype", "fp32")
     _train(tmp_path, *argv, "--dtype", "bf16")
     run = tmp_path / "toy" / "cora-qkvo"
@@ -1258,15 +1301,123 @@ def test_toy_end_to_end_cora_learns_in_bf16_as_in_fp32_and_collm_runs(tmp_path):
     _train(tmp_path, "--method", "collm", "--max-steps", "20", "--eval-every", "10", "--valid-limit", "200",
            "--test-limit", "200")
     stage1, stage2 = (load_file(tmp_path / "toy" / m / "trainable.safetensors") for m in ("tallrec", "collm"))
-    assert all(k.startswith("lora.") for k in stage1) and {k.split(".")[0] for k in stage2} == {"cie", "x_mean", "x_std"}
+    assert all(k.startswith("lora.") for k in stage1)
+    assert {k.split(".")[0] for k in stage2} == {"cie", "x_mean", "x_std"}
     assert json.load(open(tmp_path / "toy" / "collm" / "results.json"))["test"]["n"] == 200
 
 
-# ----------------------------------------------------------------------------- robustness: bad input, resume, numerics
+def test_schedule_official_horizon_no_clipping_and_generator_init():
+    """The official recipe: the cosine spans max_epoch x iters_per_epoch (CoRA 100k steps, TALLRec/CoLLM 10k), so the
+    LR stays near init_lr for the steps a run really takes; no gradient clipping; the Q-Former's Linear layers drawn
+    N(0, 0.02) with zero biases (BERT's init), W_FC left at PyTorch's default."""
+    parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args([*argv, "--llm", "x", "--data", "ml-1m"]))
+    a, t, s = parse("--method", "cora"), parse("--method", "tallrec"), parse("--method", "cora", "--cf", "sasrec")
+    assert (a.max_steps, a.epochs, a.clip, a.batch_size, a.eval_every, a.r) == (100_000, 0, 0.0, 8, 100, 16)
+    assert (t.max_steps, t.batch_size, t.eval_every, t.r, t.alpha) == (10_000, 32, 50, 8, 16.0)
+    assert (s.max_steps, s.batch_size, s.eval_every, s.r, s.alpha) == (10_000, 16, 50, 64, 128.0)
+    g = cora.QueryGenerator(64, n_queries=4, n_blocks=2, n_heads=4, ffn_dim=256)
+    w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Linear)])
+    b = torch.cat([m.bias for m in g.modules() if isinstance(m, torch.nn.Linear)])
+    assert abs(w.std().item() - 0.02) < 0.0005 and abs(w.mean().item()) < 0.0005 and not b.any()
 
-@pytest.fixture(scope="module")
-def toy_llm(tmp_path_factory):
-    return train.toy_llm(data.make_toy(), str(tmp_path_factory.mktemp("toy-llm")))
+
+def test_lr_by_step_follows_the_official_cosine(tmp_path, toy_llm):
+    """Read back from history.tsv: warm-up from warmup_lr, then the cosine over --max-steps; the loss is finite."""
+    argv = ["--method", "tallrec", "--llm", toy_llm, "--max-steps", "40", "--eval-every", "10", "--warmup", "10",
+            "--train-limit", "320", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "8"]
+    _train(tmp_path, *argv)
+    rows = [line.split("\t") for line in (tmp_path / "toy" / "tallrec" / "history.tsv").read_text().splitlines()]
+    lr = {int(r[0]): float(r[2]) for r in rows[1:]}
+    cosine = lambda s: 8e-5 + 0.5 * (1e-3 - 8e-5) * (1 + math.cos(math.pi * (s - 10) / 30))
+    assert lr[10] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 9 / 10, rel=1e-5)  # step 10 ran at warm-up step 9
+    assert all(lr[s] == pytest.approx(cosine(s - 1), rel=1e-5) for s in (20, 30, 40))
+
+
+def test_learning_curve_shows_first_and_last_validation():
+    rows = [dict(step=s, train_loss=0.7, valid_auc=0.5 + s / 1e4) for s in range(50, 1001, 50)]
+    lines = train.learning_curve(rows, most=6).splitlines()
+    assert len(lines) == 7 and "step     50" in lines[1] and "step   1000" in lines[-1] and lines[-1].endswith("#" * 40)
+
+
+def test_given_numbers_are_kept_and_zero_switches_limits_off():
+    """A value the user gives is never replaced by a default (the old `args.r or 8`); 0 is accepted where it means
+    "no limit" (--clip, --max-steps, --*-limit, --warmup) and refused elsewhere (the table above)."""
+    parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args(["--method", "cora", *argv]))
+    a = parse("--r", "4", "--clip", "0", "--max-steps", "0", "--train-limit", "0", "--warmup", "0")
+    assert (a.r, a.alpha, a.clip, a.max_steps, a.train_limit, a.warmup) == (4, 32.0, 0.0, 0, 0, 0)
+    assert (parse("--alpha", "0.5").r, parse("--alpha", "0.5").alpha) == (16, 0.5)
+
+
+def train_hist_columns():
+    return train.HISTORY
+
+
+def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
+    """CoRA (dropout in the generator and on the delta path: the RNG state matters): SIGKILL after a checkpoint,
+    --resume, and the predictions equal an uninterrupted run's; a second uninterrupted run is identical too."""
+    argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "12", "--eval-every", "6", "--ckpt-every", "2",
+            "--train-limit", "200", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "16",
+            "--warmup", "4"]
+    runs = {name: tmp_path / name for name in ("a", "b", "killed")}
+    for p in (_train_log(runs["a"], *argv), _train_log(runs["b"], *argv)):
+        assert p.wait() == 0, p.stdout.read()
+    p, state = _train_log(runs["killed"], *argv), runs["killed"] / "toy" / "cora-qkvo" / "state.safetensors"
+    while not state.exists() and p.poll() is None:
+        time.sleep(0.01)
+    p.kill()  # SIGKILL right after the first checkpoint
+    p.wait()
+    assert p.returncode == -9 and not (runs["killed"] / "toy" / "cora-qkvo" / "results.json").exists()
+    p = _train_log(runs["killed"], *argv, "--resume")
+    log = p.communicate()[0]
+    assert p.returncode == 0, log
+    step = int(re.search(r"resumed from .* at step (\d+)", log).group(1))
+    assert 0 < step < 12
+    preds = {k: (v / "toy" / "cora-qkvo" / "predictions.tsv").read_text() for k, v in runs.items()}
+    assert preds["a"] == preds["b"] == preds["killed"]
+    res = {k: json.load(open(v / "toy" / "cora-qkvo" / "results.json"))["test"] for k, v in runs.items()}
+    assert abs(res["a"]["auc"] - res["killed"]["auc"]) < 1e-6 and res["a"]["auc"] == res["b"]["auc"]
+    assert not state.exists()  # a finished run leaves trainable.safetensors + results.json only
+    hist = {k: [line.split("\t")[:-1] for line in (v / "toy" / "cora-qkvo" / "history.tsv").read_text().splitlines()]
+            for k, v in runs.items()}  # every column but the throughput
+    assert hist["a"][0] == list(train_hist_columns())[:-1] and [r[0] for r in hist["a"][1:]] == ["6", "12"]
+    assert hist["killed"] == hist["a"] == hist["b"]  # the history survives --resume, row for row
+    assert not (runs["killed"] / "toy" / "cora-qkvo" / "history.running.tsv").exists()
+
+
+def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy_llm):
+    """A finished run, then a re-run with other settings into its folder: SIGKILL after the re-run's first checkpoint,
+    then Ctrl-C after its resumed one (exit 130, naming the checkpoint and the command that continues). Both times
+    the finished run's files are byte for byte as they were and --reuse's check still accepts them; the printed
+    command then finishes the re-run, which replaces the old run whole."""
+    common = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
+              "50", "--clip", "0"]
+    first = common + ["--out", str(tmp_path), "--max-steps", "2", "--threads", "1"]
+    train.main(train.cli().parse_args(first))
+    run = tmp_path / "toy" / "tallrec"
+    files = {p: p.read_bytes() for p in (run / n for n in ("results.json", "predictions.tsv", "trainable.safetensors"))}
+    assert max(v.abs().max().item() for k, v in load_file(run / "trainable.safetensors").items() if ".B." in k) > 0
+    rerun, state = common + ["--max-steps", "60", "--ckpt-every", "1", "--lr", "5e-4"], run / "state.safetensors"
+    for argv, sig in ((rerun, signal.SIGKILL), (rerun + ["--resume"], signal.SIGINT)):
+        since = state.stat().st_mtime_ns if state.exists() else 0
+        p = _train_log(tmp_path, *argv)
+        while (not state.exists() or state.stat().st_mtime_ns == since) and p.poll() is None:
+            time.sleep(0.01)
+        p.send_signal(sig)  # after the re-run's (resumed) first checkpoint
+        log = p.communicate()[0]
+        assert p.returncode == (-9 if sig == signal.SIGKILL else 130), log
+        assert all(path.read_bytes() == blob for path, blob in files.items()) and state.exists()
+        assert train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
+    assert "Traceback" not in log and f"the last checkpoint is {state}; continue with:" in log, log
+    command = shlex.split(log.strip().splitlines()[-1])
+    assert command[-1] == "--resume" and command.count("--resume") == 1
+    p = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (run / "results.json").read_bytes() != files[run / "results.json"] and not state.exists()
+    assert train.finished_with(str(run / "results.json"), train.cli().parse_args(rerun + ["--out", str(tmp_path)]))
+    assert not train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
+    (run / "predictions.tsv").write_text("uid\tiid\tlabel\tscore\n")  # now a folder that mixes runs
+    with pytest.raises(ValueError, match="predictions.tsv is not the file .*results.json records"):
+        data.check_run(str(run), "trainable.safetensors")
 
 
 def _edit_tsv(root, name, edit):
@@ -1292,7 +1443,6 @@ def _broken_llm(tmp, llm, what):
     """A copy of the toy LLM with one thing wrong in its config, weights or tokenizer files."""
     folder = str(tmp / "llm")
     if not os.path.isdir(folder):
-        import shutil
         shutil.copytree(llm, folder)
     st, cfg = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     c = json.load(open(cfg))
@@ -1332,9 +1482,9 @@ def _state(tmp, what):
 
 
 def _seal(folder, weights, **result):
-    """Make folder a finished run around the weights file it holds (train.commit_run), as a test fixture."""
+    """Make folder a finished run around the weights file it holds (data.commit_run), as a test fixture."""
     blob = open(os.path.join(folder, weights), "rb").read()
-    train.commit_run(str(folder), {weights: blob}, "uid\tiid\tlabel\tscore\n", {"args": {}, **result})
+    data.commit_run(str(folder), {weights: blob}, "uid\tiid\tlabel\tscore\n", {"args": {}, **result})
 
 
 def _cf_ckpt(tmp, what, llm=None):
@@ -1377,7 +1527,6 @@ def _finished(llm):
 def _adapter(tmp, llm, what):
     """--eval-general on a copy of the finished run: damaged, unfinished or resealed around other weights; or on the
     run as it is with another --llm."""
-    import shutil
     run, text = tmp / "run", tmp / "text.txt"
     shutil.copytree(_finished(llm), run)
     text.write_text(" ".join(data.prompts(data.make_toy(), "valid")[:30]))
@@ -1400,7 +1549,6 @@ _HELD = []  # lock files a case holds open while train.main runs
 
 def _held_lock(tmp):
     """A second writer: this process holds runs/toy/tallrec/.lock as a running train.py would."""
-    import fcntl
     os.makedirs(tmp / "toy" / "tallrec")
     _HELD.append(open(tmp / "toy" / "tallrec" / ".lock", "a+"))
     fcntl.flock(_HELD[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1440,10 +1588,12 @@ BAD_INPUTS = [
     ("batch larger than data", lambda t, l: ["--batch-size", "100000"], ValueError, "--batch-size 100000"),
     ("--out is a file", lambda t, l: ["--out", str(_file(t / "out"))], ValueError, "--out"),
     ("--out below a file", lambda t, l: ["--out", str(_file(t / "out") / "runs")], ValueError, "--out"),
-    ("no data folder", lambda t, l: ["--data", "ml-1m", "--data-root", str(t / "nowhere")], FileNotFoundError, "nowhere"),
+    ("no data folder", lambda t, l: ["--data", "ml-1m", "--data-root", str(t / "nowhere")], FileNotFoundError,
+     "nowhere"),
     ("malformed TSV line", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(5, lambda f: "1\t2\t1")),
      ValueError, "train.tsv:5"),
-    ("unknown item id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv", _set_line(7, lambda f: "\t".join(f[:1] + ["9999"] + f[2:]))),
+    ("unknown item id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv",
+                                              _set_line(7, lambda f: "\t".join(f[:1] + ["9999"] + f[2:]))),
      ValueError, "train.tsv:7"),
     ("absurd user id", lambda t, l: _edit_tsv(t / "tsv", "train.tsv",
                                               _set_line(6, lambda f: "\t".join(["9" * 16] + f[1:]))),
@@ -1533,120 +1683,6 @@ def test_bad_input_one_clear_error_nothing_left_behind(tmp_path, toy_llm, capsys
     assert not [p for p in after - set(before) if p.name != ".lock"], after - set(before)
 
 
-def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
-    """CoRA (dropout in the generator and on the delta path: the RNG state matters): SIGKILL after a checkpoint,
-    --resume, and the predictions equal an uninterrupted run's; a second uninterrupted run is identical too."""
-    argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "12", "--eval-every", "6", "--ckpt-every", "2",
-            "--train-limit", "200", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "16", "--warmup", "4"]
-    runs = {name: tmp_path / name for name in ("a", "b", "killed")}
-    for p in (_train_log(runs["a"], *argv), _train_log(runs["b"], *argv)):
-        assert p.wait() == 0, p.stdout.read()
-    p, state = _train_log(runs["killed"], *argv), runs["killed"] / "toy" / "cora-qkvo" / "state.safetensors"
-    while not state.exists() and p.poll() is None:
-        time.sleep(0.01)
-    p.kill()  # SIGKILL right after the first checkpoint
-    p.wait()
-    assert p.returncode == -9 and not (runs["killed"] / "toy" / "cora-qkvo" / "results.json").exists()
-    p = _train_log(runs["killed"], *argv, "--resume")
-    log = p.communicate()[0]
-    assert p.returncode == 0, log
-    step = int(re.search(r"resumed from .* at step (\d+)", log).group(1))
-    assert 0 < step < 12
-    preds = {k: (v / "toy" / "cora-qkvo" / "predictions.tsv").read_text() for k, v in runs.items()}
-    assert preds["a"] == preds["b"] == preds["killed"]
-    res = {k: json.load(open(v / "toy" / "cora-qkvo" / "results.json"))["test"] for k, v in runs.items()}
-    assert abs(res["a"]["auc"] - res["killed"]["auc"]) < 1e-6 and res["a"]["auc"] == res["b"]["auc"]
-    assert not state.exists()  # a finished run leaves trainable.safetensors + results.json only
-    hist = {k: [line.split("\t")[:-1] for line in (v / "toy" / "cora-qkvo" / "history.tsv").read_text().splitlines()]
-            for k, v in runs.items()}  # every column but the throughput
-    assert hist["a"][0] == list(train_hist_columns())[:-1] and [r[0] for r in hist["a"][1:]] == ["6", "12"]
-    assert hist["killed"] == hist["a"] == hist["b"]  # the history survives --resume, row for row
-    assert not (runs["killed"] / "toy" / "cora-qkvo" / "history.running.tsv").exists()
-
-
-def train_hist_columns():
-    return train.HISTORY
-
-
-def test_schedule_official_horizon_no_clipping_and_generator_init():
-    """The official recipe: the cosine spans max_epoch x iters_per_epoch (CoRA 100k steps, TALLRec/CoLLM 10k), so the
-    LR stays near init_lr for the steps a run really takes; no gradient clipping; the Q-Former's Linear layers drawn
-    N(0, 0.02) with zero biases (BERT's init), W_FC left at PyTorch's default."""
-    parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args([*argv, "--llm", "x", "--data", "ml-1m"]))
-    a, t, s = parse("--method", "cora"), parse("--method", "tallrec"), parse("--method", "cora", "--cf", "sasrec")
-    assert (a.max_steps, a.epochs, a.clip, a.batch_size, a.eval_every, a.r) == (100_000, 0, 0.0, 8, 100, 16)
-    assert (t.max_steps, t.batch_size, t.eval_every, t.r, t.alpha) == (10_000, 32, 50, 8, 16.0)
-    assert (s.max_steps, s.batch_size, s.eval_every, s.r, s.alpha) == (10_000, 16, 50, 64, 128.0)
-    g = cora.QueryGenerator(64, n_queries=4, n_blocks=2, n_heads=4, ffn_dim=256)
-    w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Linear)])
-    b = torch.cat([m.bias for m in g.modules() if isinstance(m, torch.nn.Linear)])
-    assert abs(w.std().item() - 0.02) < 0.0005 and abs(w.mean().item()) < 0.0005 and not b.any()
-
-
-def test_lr_by_step_follows_the_official_cosine(tmp_path, toy_llm):
-    """Read back from history.tsv: warm-up from warmup_lr, then the cosine over --max-steps; the loss is finite."""
-    argv = ["--method", "tallrec", "--llm", toy_llm, "--max-steps", "40", "--eval-every", "10", "--warmup", "10",
-            "--train-limit", "320", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "8"]
-    _train(tmp_path, *argv)
-    rows = [line.split("\t") for line in (tmp_path / "toy" / "tallrec" / "history.tsv").read_text().splitlines()]
-    lr = {int(r[0]): float(r[2]) for r in rows[1:]}
-    cosine = lambda s: 8e-5 + 0.5 * (1e-3 - 8e-5) * (1 + math.cos(math.pi * (s - 10) / 30))
-    assert lr[10] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 9 / 10, rel=1e-5)  # step 10 ran at warm-up step 9
-    assert all(lr[s] == pytest.approx(cosine(s - 1), rel=1e-5) for s in (20, 30, 40))
-
-
-def test_learning_curve_shows_first_and_last_validation():
-    rows = [dict(step=s, train_loss=0.7, valid_auc=0.5 + s / 1e4) for s in range(50, 1001, 50)]
-    lines = train.learning_curve(rows, most=6).splitlines()
-    assert len(lines) == 7 and "step     50" in lines[1] and "step   1000" in lines[-1] and lines[-1].endswith("#" * 40)
-
-
-def test_given_numbers_are_kept_and_zero_switches_limits_off():
-    """A value the user gives is never replaced by a default (the old `args.r or 8`); 0 is accepted where it means
-    "no limit" (--clip, --max-steps, --*-limit, --warmup) and refused elsewhere (the table above)."""
-    parse = lambda *argv: train.fill_llm_defaults(train.cli().parse_args(["--method", "cora", *argv]))
-    a = parse("--r", "4", "--clip", "0", "--max-steps", "0", "--train-limit", "0", "--warmup", "0")
-    assert (a.r, a.alpha, a.clip, a.max_steps, a.train_limit, a.warmup) == (4, 32.0, 0.0, 0, 0, 0)
-    assert (parse("--alpha", "0.5").r, parse("--alpha", "0.5").alpha) == (16, 0.5)
-
-
-def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy_llm):
-    """A finished run, then a re-run with other settings into its folder: SIGKILL after the re-run's first checkpoint,
-    then Ctrl-C after its resumed one (exit 130, naming the checkpoint and the command that continues). Both times
-    the finished run's files are byte for byte as they were and --reuse's check still accepts them; the printed
-    command then finishes the re-run, which replaces the old run whole."""
-    import signal
-    common = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
-              "50", "--clip", "0"]
-    first = common + ["--out", str(tmp_path), "--max-steps", "2", "--threads", "1"]
-    train.main(train.cli().parse_args(first))
-    run = tmp_path / "toy" / "tallrec"
-    files = {p: p.read_bytes() for p in (run / n for n in ("results.json", "predictions.tsv", "trainable.safetensors"))}
-    assert max(v.abs().max().item() for k, v in load_file(run / "trainable.safetensors").items() if ".B." in k) > 0
-    rerun, state = common + ["--max-steps", "60", "--ckpt-every", "1", "--lr", "5e-4"], run / "state.safetensors"
-    for argv, sig in ((rerun, signal.SIGKILL), (rerun + ["--resume"], signal.SIGINT)):
-        since = state.stat().st_mtime_ns if state.exists() else 0
-        p = _train_log(tmp_path, *argv)
-        while (not state.exists() or state.stat().st_mtime_ns == since) and p.poll() is None:
-            time.sleep(0.01)
-        p.send_signal(sig)  # after the re-run's (resumed) first checkpoint
-        log = p.communicate()[0]
-        assert p.returncode == (-9 if sig == signal.SIGKILL else 130), log
-        assert all(path.read_bytes() == blob for path, blob in files.items()) and state.exists()
-        assert train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
-    assert "Traceback" not in log and f"the last checkpoint is {state}; continue with:" in log, log
-    command = shlex.split(log.strip().splitlines()[-1])
-    assert command[-1] == "--resume" and command.count("--resume") == 1
-    p = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    assert (run / "results.json").read_bytes() != files[run / "results.json"] and not state.exists()
-    assert train.finished_with(str(run / "results.json"), train.cli().parse_args(rerun + ["--out", str(tmp_path)]))
-    assert not train.finished_with(str(run / "results.json"), train.cli().parse_args(first))
-    (run / "predictions.tsv").write_text("uid\tiid\tlabel\tscore\n")  # now a folder that mixes runs
-    with pytest.raises(ValueError, match="predictions.tsv is not the file .*results.json records"):
-        train.check_run(str(run), "trainable.safetensors")
-
-
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys):
     """lr 1e30 blows the LoRA up after one step: the run stops at step 2 naming the last good checkpoint."""
     argv = ["--method", "tallrec", "--out", str(tmp_path), "--llm", toy_llm, "--max-steps", "6", "--lr", "1e30",
@@ -1659,8 +1695,6 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys
         train.main(train.cli().parse_args(argv + ["--skip-nonfinite"]))
 
 
-# ----------------------------------------------------------------------------- the comparison in one command
-
 def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     common = ("--llm", toy_llm, "--max-steps", "2", "--eval-every", "2", "--batch-size", "16", "--train-limit", "64",
               "--valid-limit", "64", "--test-limit", "64")
@@ -1669,7 +1703,8 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     llm_runs = ["tallrec", "collm", "cora-qkvo"]
     assert list(summary["rows"]) == ["mf", "lightgcn", *llm_runs, *(f"{r}-id-only" for r in llm_runs)]
     table = (tmp_path / "toy" / "all.md").read_text()
-    assert all(f"| {name} |" in table for name in ("MF", "LightGCN", "TALLRec", "CoLLM-MF", "CoRA-MF", "CoRA-MF (ID-only)"))
+    names = ("MF", "LightGCN", "TALLRec", "CoLLM-MF", "CoRA-MF", "CoRA-MF (ID-only)")
+    assert all(f"| {name} |" in table for name in names)
     for name, (row,) in summary["rows"].items():  # every row is that run's own results.json
         own = json.load(open(tmp_path / "toy" / name / "results.json"))
         assert row["test"] == own["test"] and row["peak_memory_mb"] > 0 and row["trainable_params"] > 0
@@ -1719,8 +1754,6 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
     lora = load_file(tmp_path / "two" / "toy" / "tallrec" / "trainable.safetensors")
     assert max(v.abs().max().item() for k, v in lora.items() if ".B." in k) > 1e-4  # it trained: not a trivial match
 
-
-# ----------------------------------------------------------------------------- general ability (paper Fig. 1)
 
 def test_general_ability_scores_match_naive_and_zero_lora_changes_nothing(toy_llm):
     model, tok = llama.load(toy_llm)
@@ -1790,33 +1823,3 @@ def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
     assert list(ppl) == ["base LLM", "base LLM, CoLLM's prompt", *runs] and len(examples) == 3
     assert all(len(t) == 4 for _, t in examples)
     assert "| base LLM |" in capsys.readouterr().out
-
-
-# ----------------------------------------------------------------------------- SASRec, the third CF model
-
-def test_sasrec_causal_padding_ignored_and_history_read():
-    torch.manual_seed(0)
-    m = cf.SASRec(5, 40, dim=16, n_layers=2, n_heads=2, maxlen=25, init_std=0.3).eval()
-    his = torch.randint(1, 40, (3, 25))
-    his[2, :20] = 0                                                         # a short history, left-padded
-    out = m.encode(his, every_position=True)                               # (3, 25, 16)
-    later = his.clone()
-    later[:, 15:] = torch.randint(1, 40, (3, 10))                           # change only positions 15..24
-    assert torch.allclose(m.encode(later, every_position=True)[:, :15], out[:, :15], atol=1e-6)  # causal
-    assert not torch.allclose(m.encode(later), out[:, -1])
-    short = his[2:, 15:]                                                    # the same 5 items with less padding
-    assert torch.allclose(m.encode(short), out[2:, -1], atol=1e-5)          # padded keys take no attention
-    assert torch.equal(m.encode(torch.zeros(1, 25, dtype=torch.long)), torch.zeros(1, 16))  # empty history: no signal
-    with pytest.raises(ValueError, match="history"):
-        m.embed(torch.tensor([1]), torch.tensor([2]))
-
-
-def test_sasrec_learns_on_toy_and_round_trips(tmp_path):
-    ds = data.make_toy()
-    m, res = cf.train_cf("sasrec", ds, dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=4, patience=2, seed=0,
-                         log=lambda *a: None)
-    assert res["valid"]["auc"] > 0.56 and res["test"]["auc"] > 0.56, res
-    assert res["test"]["cold_auc"] > 0.53  # unlike MF, it reads the history of cold users
-    cf.save_cf(str(tmp_path / "s.safetensors"), m, {"dataset": "toy"})
-    loaded = cf.load_cf(str(tmp_path / "s.safetensors"), kind="sasrec")
-    assert np.array_equal(cf.predict(loaded, ds.test), cf.predict(m, ds.test))

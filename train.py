@@ -1,69 +1,50 @@
 """
 train.py: one command for every method of the comparison.
 
-    python train.py --method mf|lightgcn|sasrec [--data toy|ml-1m|amazon-book]  CF pretraining (CoLLM's baselines)
+    python train.py --method mf|lightgcn|sasrec [--data toy|ml-1m|amazon-book]  CF pretraining (cf.run_cf)
     python train.py --method tallrec|collm|cora [--data ...] [--llm DIR]     LLM methods on a frozen LLaMA
     python train.py --method all [--seeds 3] [--lgcn] [--data ...] [--llm DIR]  the whole comparison, one table
     python train.py --bench [--data ml-1m --llm DIR]            shared LoRA vs CoRA, fp32 vs bf16: time, memory
     python train.py --eval-general|--generate --llm DIR --adapter RUN ...     the paper's Fig. 1 / Fig. 2 analyses
     torchrun --nproc_per_node N train.py --method tallrec|collm|cora ...      DDP over the trainable parameters
 
-A run folder runs/<data>/<name> holds one run: its weights (cf.safetensors for CF models, trainable.safetensors, the
-trainable parameters only, for LLM methods), predictions.tsv, and results.json, which records the size and SHA-256
-of the other two. A run writes nothing else there until it ends (its best weights so far are in state.safetensors),
-then renames all three into place back to back, results.json last (commit_run). So a finished run already there
-stays whole and usable until the new one finishes, and a kill, a full disk or Ctrl-C leave beside it only a
-state.safetensors (and, after a kill mid-write, a *.tmp file). Every reader (--reuse, --adapter, CoLLM's step 1,
-the CF checkpoint of CoLLM and CoRA) checks the files against results.json (check_run) and refuses a folder that
-fails, naming it; --reuse trains such a run again. results.json also records the LLM's fingerprint, which --adapter
-and CoLLM's step 1 compare, and CoLLM's the digest of its step-1 LoRA. A run holds an flock on <folder>/.lock for
-its whole life, so a second run into the same folder stops at once, naming it; --method all locks runs/<data>
-(all.md, all.json) likewise.
-LLM methods train a missing CF checkpoint first (cf_checkpoint); CoLLM trains a missing TALLRec first (its
-step 1); without --llm the toy run builds a tiny untrained LLaMA + tokenizer (toy_llm).
+The LLM training loop (setup -> train -> finish) is CoLLM's runner, flattened: fused AdamW on the trainable
+parameters (weight decay on matrices only), linear warm-up then a cosine over --max-steps (the official max_epoch x
+iters_per_epoch, so the LR stays near init_lr while early stopping ends the run), gradient accumulation, optional
+clipping (--clip; none by default, as officially), validation every --eval-every steps, early stopping on valid AUC
+after --patience validations without gain, test metrics of the best state. Each validation appends a row to
+history.tsv; the run prints a learning curve at the end. --train-limit / --valid-limit / --test-limit take seeded
+subsets for CPU-sized runs. Every --ckpt-every steps it saves state.safetensors (weights, AdamW moments, best weights,
+RNG states, counters, history); --resume continues bit-exactly. A NaN/inf loss or gradient stops the run naming the
+step and that checkpoint. --dtype auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16
+(llama.resolve_dtype); trainable weights, optimizer state, logits and loss are fp32 whatever it is.
 
-Checked before any work: every number on the command line (argparse, exit 2, naming the flag; 0 where it switches a
-limit off, as --clip 0 = no clipping), that --out is a writable folder, the LLM folder (config types and
-architecture, weight dtypes, NaN/inf), every prompt against the LLM's positions, and the data files (data.py).
-Torchrun variables left in a shell without torchrun are refused. Ctrl-C exits with code 130, naming the last
-checkpoint and the command that resumes from it.
-
-The LLM training loop (_run_llm) is CoLLM's runner, flattened: fused AdamW on the trainable parameters (weight
-decay on matrices only), linear warm-up then a cosine over --max-steps (the official max_epoch x iters_per_epoch,
-so the LR stays near init_lr while early stopping ends the run), gradient accumulation, optional clipping (--clip;
-none by default, as officially), validation every --eval-every steps, early stopping on valid AUC after --patience
-validations without gain, test metrics of the best state. Every validation appends a row to history.tsv (HISTORY);
-the run prints a learning curve at the end. --train-limit / --valid-limit / --test-limit take seeded subsets for
-CPU-sized runs. It saves a resumable state.safetensors (save_state, the history included) every --ckpt-every steps;
---resume continues bit-exactly; a NaN/inf loss or gradient stops the run naming the step and that checkpoint.
---dtype auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16 (llama.resolve_dtype); trainable
-weights, optimizer state, logits and loss are fp32 whatever it is.
-
-CF hyper-parameters (CF_DEFAULTS): the official CoLLM values (cf.py docstring), fast ones for toy, and for ML-1M MF
-wd 1.5e-4 with init N(0, 0.1), chosen on valid AUC (valid / test 0.6742 / 0.6492; the official wd 1e-4, N(0, 1):
-0.6741 / 0.6449).
+Run folders <out>/<data>/<run> are written and checked by data.py (commit_run, check_run, run_lock): a finished run
+stays whole until a new one commits, a second writer is refused, every reader checks the digests. LLM methods
+pretrain a missing CF checkpoint first (cf.cf_checkpoint); CoLLM trains a missing TALLRec first (its step 1);
+without --llm the toy run builds a tiny untrained LLaMA + tokenizer (toy_llm). Checked before any work: every number
+on the command line (argparse, exit 2), --out, the LLM folder, every prompt against the LLM's positions, the data
+files. Ctrl-C exits with code 130, naming the last checkpoint and the command that resumes from it.
 """
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
+import math
 import os
-import pathlib
 import shlex
+import subprocess
 import sys
-import tempfile
 import time
 from datetime import timedelta
-
-import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
 import cf
@@ -71,186 +52,17 @@ import collm
 import cora
 import data
 import llama
+from cf import CF_METHODS, HYPER
+from collm import rank_world
 
-CF_METHODS = ("mf", "lightgcn", "sasrec")
-CF_DEFAULTS = {  # (data, method) -> hyperparameters; n_layers and init_std as cf.train_cf (None = official init)
-    ("ml-1m", "mf"): dict(dim=256, lr=1e-3, wd=1.5e-4, batch_size=1024, epochs=1000, patience=50, init_std=0.1),
-    ("ml-1m", "lightgcn"): dict(dim=64, lr=1e-2, wd=1e-4, batch_size=1024, epochs=1000, patience=50, init_std=None),
-    ("amazon-book", "mf"): dict(dim=256, lr=1e-3, wd=1e-6, batch_size=10240, epochs=1000, patience=50, init_std=None),
-    ("amazon-book", "lightgcn"): dict(dim=256, lr=1e-4, wd=1e-7, batch_size=10240, epochs=1000, patience=100,
-                                      init_std=None),
-    ("ml-1m", "sasrec"): dict(dim=64, lr=1e-2, wd=1e-2, batch_size=2048, epochs=1000, patience=100, init_std=None),
-    ("amazon-book", "sasrec"): dict(dim=64, lr=1e-3, wd=1e-3, batch_size=10240, epochs=1000, patience=100, init_std=None),
-    ("toy", "sasrec"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
-    ("toy", "mf"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=0.1),
-    ("toy", "lightgcn"): dict(dim=32, lr=1e-2, wd=1e-4, batch_size=256, epochs=60, patience=5, init_std=None),
-}
-HYPER = ("dim", "lr", "wd", "batch_size", "epochs", "patience", "init_std")
-STARTED = time.time()  # a checkpoint older than this process is not one it saved
-
-
-def run_dir(out, data_name, method):
-    return os.path.join(out, data_name, method)
-
-
-def llm_run_dir(args):
-    return run_dir(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
-
-
-def weights_file(method):
-    """The weights file of a run folder: cf.safetensors for CF models, trainable.safetensors for LLM methods."""
-    return "cf.safetensors" if method in CF_METHODS else "trainable.safetensors"
-
-
-def check_out(out):
-    """--out as a folder this process can write (created if absent), checked before any work."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-@contextlib.contextmanager
-def run_lock(folder, wait=False):
-    """Hold folder/.lock (fcntl.flock, released when the process ends, however it ends) while a run writes the
-    folder: a second writer is refused, naming the folder and the holder's pid; with wait, it waits instead."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.seek(0)
-            raise ValueError(f"{folder} is in use by another run (pid {f.read().strip() or '?'}); wait for it to "
-                             f"finish or pass another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-
-
-def digest(blob):
-    return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-
-
-def predictions_tsv(rows, scores):
-    """uid, iid, label, score of every row: enough to recompute every metric."""
-    return "uid\tiid\tlabel\tscore\n" + "".join(f"{u}\t{i}\t{int(y)}\t{s:.6g}\n" for u, i, y, s in zip(
-        rows.uid.tolist(), rows.iid.tolist(), rows.label.tolist(), np.asarray(scores).tolist()))
-
-
-def commit_run(folder, weights, predictions, result):
-    """Make folder a finished run: its weights ({file name: bytes}), predictions.tsv and results.json, which records
-    the size and SHA-256 of the other two. All are written to temporary files first, then renamed back to back,
-    results.json last (data.atomic_write_all): until then a finished run already there stays whole."""
-    files = {**weights, "predictions.tsv": predictions.encode("utf-8")}
-    result["files"] = {name: digest(blob) for name, blob in files.items()}
-    files["results.json"] = json.dumps(result, indent=2, default=str) + "\n"
-    data.atomic_write_all({os.path.join(folder, name): blob for name, blob in files.items()})
-
-
-def check_run(folder, weights):
-    """results.json of the finished run in folder, once its weights file and predictions.tsv are checked to be the
-    ones it records; otherwise a ValueError naming the folder and what does not match."""
-    path = os.path.join(folder, "results.json")
-    if not os.path.isfile(path):
-        busy = " (a run in progress or interrupted left state.safetensors)" * os.path.isfile(
-            os.path.join(folder, "state.safetensors"))
-        raise ValueError(f"{folder} holds no finished run: no results.json{busy}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(result, dict) or not isinstance(result.get("files"), dict) or "args" not in result:
-        raise ValueError(f"{path} is not the record of a finished run (it records no files or arguments)")
-    for name in (weights, "predictions.tsv"):
-        p = os.path.join(folder, name)
-        if not os.path.isfile(p) or digest(pathlib.Path(p).read_bytes()) != result["files"].get(name):
-            raise ValueError(f"{p} is {'missing' if not os.path.isfile(p) else 'not the file'} {path} records: the "
-                             f"folder mixes runs, or a run stopped while it committed; train it again")
-    return result
-
-
-def finished(folder, weights, log=lambda message: None):
-    """check_run's results, or None when folder holds no finished run (log gets the reason when there is one)."""
-    try:
-        return check_run(folder, weights)
-    except ValueError as e:
-        if os.path.isdir(folder):
-            log(str(e))
-        return None
-
-
-def run_name(method, cf_name="mf", weight_types="qkvo", prompt="text"):
-    """The run folder's name: mf, lightgcn, sasrec, tallrec, collm, cora-qkvo; "-lightgcn"/"-sasrec" for CoLLM/CoRA on them,
-    "-id-only" for prompts without titles."""
-    name = f"cora-{weight_types}" if method == "cora" else method
-    name += f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else ""
-    return name + ("-id-only" if method in LLM_METHODS and prompt == "id-only" else "")
-
-
-def markdown_table(method, results, wall_s):
-    """One row per split of {split: cf.evaluate(...) dict}."""
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    lines = ["| method | split | AUC | UAUC | warm AUC | warm UAUC | cold AUC | cold UAUC | n | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for split, m in results.items():
-        lines.append(f"| {method} | {split} | {fmt(m['auc'])} | {fmt(m['uauc'])} | {fmt(m['warm_auc'])} | "
-                     f"{fmt(m['warm_uauc'])} | {fmt(m['cold_auc'])} | {fmt(m['cold_uauc'])} | {m['n']} | {wall_s:.1f}s |")
-    return "\n".join(lines)
-
-
-def run_cf(data_name, method, out="runs", data_root=None, seed=2023, overrides=None, ds=None, log=print):
-    """Pretrain one CF model, make its run folder a finished run (commit_run), return (model, results dict)."""
-    t0 = time.time()
-    if (data_name, method) not in CF_DEFAULTS:
-        raise ValueError(f"no CF defaults for {method!r} on {data_name!r}; known: {sorted(CF_DEFAULTS)}")
-    hp = {**CF_DEFAULTS[(data_name, method)], **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    folder = run_dir(out, data_name, method)
-    with run_lock(folder):
-        ds = ds or data.load_dataset(data_name, data_root)
-        log(f"{method} on {data_name}: {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} rows, {ds.n_users} users, "
-            f"{ds.n_items} items, {hp}")
-        model, result = cf.train_cf(method, ds, seed=seed, log=log, **hp)
-        result.update(method=method, data=data_name, args={"data_root": data_root, "seed": seed, **hp},
-                      wall_time_s=time.time() - t0, checkpoint=os.path.join(folder, "cf.safetensors"),
-                      peak_memory_mb=peak_memory_mb(),
-                      trainable_params=sum(p.numel() for p in model.parameters()))
-        commit_run(folder, {"cf.safetensors": cf.cf_bytes(model, {"dataset": data_name, "seed": seed, **hp})},
-                   predictions_tsv(ds.test, cf.predict(model, ds.test)), result)
-    log(markdown_table(method, {"valid": result["valid"], "test": result["test"]}, result["wall_time_s"]))
-    return model, result
-
-
-def cf_checkpoint(data_name, method, out="runs", data_root=None, seed=2023, ds=None, log=print):
-    """Path of the CF checkpoint runs/<data>/<method>/cf.safetensors, pretrained with the defaults if absent; a folder
-    that holds one must be a finished run of that dataset (check_run)."""
-    if method not in CF_METHODS:
-        raise ValueError(f"unknown CF model {method!r}; choose from {CF_METHODS}")
-    folder = run_dir(out, data_name, method)
-    path = os.path.join(folder, "cf.safetensors")
-    if os.path.isfile(path) or os.path.isfile(os.path.join(folder, "results.json")):
-        check_run(folder, "cf.safetensors")
-        stored = cf.load_cf(path, kind=method).meta.get("dataset")
-        if stored != data_name:
-            raise ValueError(f"{path} was trained on {stored!r}, not {data_name!r}; delete it or use another --out")
-        log(f"using the CF checkpoint {path}")
-        return path
-    run_cf(data_name, method, out, data_root, seed, ds=ds, log=log)
-    return path
-
-
-# ----------------------------------------------------------------------------- LLM methods: TALLRec, CoLLM, CoRA
-
-# Official hyper-parameters. CoLLM train_configs/collm_pretrain_mf_ood.yaml (TALLRec = its step 1, and CoLLM): lr 1e-3
-# -> min 8e-5 cosine, warm-up 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every 50 iterations, max_epoch 200 x
-# iters_per_epoch 50 = 10k iterations (the cosine's horizon), stop after 20 evaluations without gain, no clipping.
-# CoRA plora_pretrain_mf_ood_movie.yaml: the same schedule with batch 8, valid every 100, 1000 x 100 = 100k
-# iterations, r 16, alpha 32, q/k/v/o; plora_pretrain_{lgcn,sasrec}_movie.yaml: r 64, alpha 128, batch 16, 200 x 50.
-# An official "epoch" is iters_per_epoch iterations, not a pass over the data: no pass limit (epochs 0) here either.
+# ----------------------------------------------------------------------------------------------------------- defaults
+# CF models: cf.CF_DEFAULTS. LLM methods, the official values: CoLLM train_configs/collm_pretrain_mf_ood.yaml (TALLRec =
+# its step 1, and CoLLM): lr 1e-3 -> min 8e-5 cosine, warm-up 200 from 1e-5, wd 1e-3, batch 16 x 2 GPUs, valid every
+# 50 iterations, max_epoch 200 x iters_per_epoch 50 = 10k iterations (the cosine's horizon), stop after 20
+# evaluations without gain, no clipping. CoRA plora_pretrain_mf_ood_movie.yaml: the same schedule with batch 8, valid
+# every 100, 1000 x 100 = 100k iterations, r 16, alpha 32, q/k/v/o; plora_pretrain_{lgcn,sasrec}_movie.yaml: r 64,
+# alpha 128, batch 16, 200 x 50. An official "epoch" is iters_per_epoch iterations, not a pass over the data: no pass
+# limit (epochs 0) here either. TALLRec/CoLLM LoRA: r 8, alpha 16 (fill_llm_defaults).
 LLM_METHODS = ("tallrec", "collm", "cora")
 LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=0, accum=1, clip=0.0,
                 eval_batch_size=32)
@@ -261,13 +73,65 @@ LLM_DEFAULTS = {
     "cora-lightgcn": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
     "cora-sasrec": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
 }
+# The toy LLM (no --llm on --data toy): a few passes, quick validations.
 TOY_LLM = dict(epochs=4, max_steps=0, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
+# Settings that do not change what a run computes (accum: the same global batch in smaller micro-batches, for
+# memory), so --reuse takes a finished run made with other values and --resume continues with new ones;
+# --resume also takes a new --max-minutes (a time limit for this invocation, which --reuse must compare).
+RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
+               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "accum", "eval_batch_size"}
+RESUME_FREE = RUN_CONTROL | {"max_minutes"}
+STAGE1 = ("r", "alpha", "lora_targets")  # what CoLLM's step-1 TALLRec run must share with it
+STARTED = time.time()  # a checkpoint older than this process is not one it saved
+
+
+def fill_llm_defaults(args):
+    """The official schedule (LLM_BASE, LLM_DEFAULTS; TOY_LLM for the toy LLM) for every option left unset."""
+    own = LLM_DEFAULTS.get(f"{args.method}-{args.cf}", LLM_DEFAULTS[args.method])  # CoRA-LGCN / -SAS: their own
+    defaults = {**LLM_BASE, **own, **(TOY_LLM if args.data == "toy" and not args.llm else {})}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not (args.max_steps or args.epochs):
+        raise ValueError("--max-steps 0 with --epochs 0 sets no end to training: give either a positive value")
+    if args.cf_norm is None:
+        args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
+    r, alpha = (16, 32.0) if args.method == "cora" else (8, 16.0)  # rank and scaling: CoRA's, TALLRec/CoLLM's LoRA
+    args.r, args.alpha = r if args.r is None else args.r, alpha if args.alpha is None else args.alpha
+    return args
+
+
+def lr_at(step, args, total):
+    """Linear warm-up from warmup_lr, then a cosine to min_lr at step total (CoLLM's linear_warmup_cosine_lr)."""
+    if step < args.warmup:
+        return args.warmup_lr + (args.lr - args.warmup_lr) * step / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------- building a method
+
+def run_name(method, cf_name="mf", weight_types="qkvo", prompt="text"):
+    """The run folder's name: mf, lightgcn, sasrec, tallrec, collm, cora-qkvo; "-lightgcn"/"-sasrec" for CoLLM/CoRA
+    on them, "-id-only" for prompts without titles."""
+    name = f"cora-{weight_types}" if method == "cora" else method
+    name += f"-{cf_name}" if method in ("collm", "cora") and cf_name != "mf" else ""
+    return name + ("-id-only" if method in LLM_METHODS and prompt == "id-only" else "")
+
+
+def llm_run_dir(args):
+    return data.run_dir(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
+
+
+def weights_file(method):
+    """The weights file of a run folder: cf.safetensors for CF models, trainable.safetensors for LLM methods."""
+    return "cf.safetensors" if method in CF_METHODS else "trainable.safetensors"
 
 
 def toy_llm(ds, out):
     """The embedded default LLM: a tiny random LLaMA + a tokenizer trained on the toy prompts (untrained!)."""
     folder = os.path.join(out, "toy-llama")
-    with run_lock(folder, wait=True):  # two first runs at once: one builds it, the other waits for it
+    with data.run_lock(folder, wait=True):  # two first runs at once: one builds it, the other waits for it
         if not os.path.isfile(os.path.join(folder, "model.safetensors")):
             texts = [p + a for s in (ds.train, ds.valid, ds.test) for t in ("tallrec", "collm")
                      for p in data.prompts(ds, s, t)[:3000] for a in (" Yes", " No")]
@@ -290,81 +154,6 @@ def llm_fingerprint(folder):
     return h.hexdigest()
 
 
-def load_trained(path, expected, what):
-    """The tensors of a run's weights file, after checking that they are exactly expected's {name: tensor} (every
-    name and shape); a ValueError naming the file and the first differences otherwise."""
-    found = {k: shape for k, (_, shape) in llama.read_header(path).items()}
-    want = {k: tuple(v.shape) for k, v in expected.items()}
-    if found != want:
-        diff = [f"{k}: {found.get(k, 'absent')} in the file, {want.get(k, 'absent')} here"
-                for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k)]
-        raise ValueError(f"{path} does not fit {what} ({len(diff)} tensors differ; {'; '.join(diff[:3])})")
-    return load_file(path, device=str(next(iter(expected.values())).device))
-
-
-STAGE1 = ("r", "alpha", "lora_targets")  # what CoLLM's step-1 TALLRec run must share with it
-
-
-def build_llm_method(args, ds, llm, tok, yes_no, fingerprint):
-    """The method of args on the frozen llm (fingerprint: llm_fingerprint of its folder); for CoLLM with its step-1
-    TALLRec LoRA loaded, that run trained first when absent."""
-    kw = dict(score=args.score, delta_dropout=args.lora_dropout)
-    lora = dict(r=args.r, alpha=args.alpha, targets=tuple(args.lora_targets.split(",")), **kw)
-    if args.method == "tallrec":
-        return collm.TALLRec(llm, tok, yes_no, **lora)
-    path = rank0_first(cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds)
-    cf_model = cf.load_cf(path)
-    if (cf_model.n_users, cf_model.n_items) != (ds.n_users, ds.n_items):
-        raise ValueError(f"{path} has tables of {cf_model.n_users} users and {cf_model.n_items} items, but --data "
-                         f"{args.data} (--data-root {args.data_root}) has {ds.n_users} and {ds.n_items} (ids + "
-                         f"padding): it was trained on other data; delete {os.path.dirname(path)} or use another --out")
-    if args.method == "collm":
-        m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
-        tallrec = run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))
-        if not os.path.isfile(os.path.join(tallrec, "results.json")):  # step 1 = TALLRec, trained first when absent
-            print(f"CoLLM step 1: no finished TALLRec run in {tallrec}; training it first")
-            resume = args.resume and os.path.isfile(os.path.join(tallrec, "state.safetensors"))
-            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": resume}))
-        res = check_run(tallrec, "trainable.safetensors")
-        diff = {k: (res["args"].get(k), vars(args)[k]) for k in STAGE1 if res["args"].get(k) != vars(args)[k]}
-        if diff or res.get("llm_fingerprint") != fingerprint:
-            raise ValueError(f"{tallrec} is not this CoLLM's step 1: " + (f"its settings differ (saved vs now: {diff})"
-                             if diff else f"it was trained on another LLM ({res.get('llm')})") + "; move it away")
-        stage1 = os.path.join(tallrec, "trainable.safetensors")
-        lora = load_trained(stage1, {f"lora.{k}": v for k, v in m.lora.state_dict().items()}, "this CoLLM's LoRA")
-        m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in lora.items()})
-        m.stage1 = res["files"]["trainable.safetensors"]  # recorded by the CoLLM run, compared by load_run
-    else:
-        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r, alpha=args.alpha,
-                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
-    if args.cf_norm == "standard":  # fixed statistics of the frozen CF features over every train row
-        t = ds.train
-        m.standardize(*(torch.as_tensor(v) for v in (t.uid, t.iid, cf.history_ids(t.history, cf.MAX_HISTORY))))
-    return m
-
-
-@torch.no_grad()
-def predict(model, seqs, slots, split, batch_size, device):
-    """Scores of every row; under torchrun each rank scores every world-th batch and all ranks gather them all."""
-    model.eval()
-    rank, world = rank_world()
-    mine = collm.batches([len(s) for s in seqs], batch_size, shuffle=False)[rank::world]
-    scores = np.zeros(len(split), dtype=np.float32)
-    for idx in mine:
-        scores[idx] = model(collm.collate(model.tok, seqs, slots, split, idx, device)).cpu().numpy()
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, [(idx, scores[idx]) for idx in mine])
-        for idx, s in (pair for part in parts for pair in part):
-            scores[idx] = s
-    return scores
-
-
-def rank_world():
-    """(rank, number of processes) under torchrun, else (0, 1)."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def rank0_first(fn, *a, **kw):
     """fn on rank 0 first (it may build and write files), then on the other ranks (they find them built)."""
     rank, world = rank_world()
@@ -376,16 +165,46 @@ def rank0_first(fn, *a, **kw):
     return out
 
 
-def limit(split, n, seed):
-    """A seeded random subset of n rows (kept in order), for CPU-sized runs; n=0 keeps everything."""
-    if not n or n >= len(split):
-        return split
-    return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
+def build_llm_method(args, ds, llm, tok, yes_no, fingerprint):
+    """The method of args on the frozen llm (fingerprint: llm_fingerprint of its folder); for CoLLM with its step-1
+    TALLRec LoRA loaded, that run trained first when absent."""
+    kw = dict(score=args.score, delta_dropout=args.lora_dropout)
+    lora = dict(r=args.r, alpha=args.alpha, targets=tuple(args.lora_targets.split(",")), **kw)
+    if args.method == "tallrec":
+        return collm.TALLRec(llm, tok, yes_no, **lora)
+    path = rank0_first(cf.cf_checkpoint, args.data, args.cf, args.out, args.data_root, args.seed, ds)
+    cf_model = cf.load_cf(path)
+    if (cf_model.n_users, cf_model.n_items) != (ds.n_users, ds.n_items):
+        raise ValueError(f"{path} has tables of {cf_model.n_users} users and {cf_model.n_items} items, but --data "
+                         f"{args.data} (--data-root {args.data_root}) has {ds.n_users} and {ds.n_items} (ids + "
+                         f"padding): it was trained on other data; delete {os.path.dirname(path)} or use another --out")
+    if args.method == "collm":
+        m = collm.CoLLM(llm, tok, yes_no, cf_model, tune_lora=args.tune_lora, **lora)
+        tallrec = data.run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))
+        if not os.path.isfile(os.path.join(tallrec, "results.json")):  # step 1 = TALLRec, trained first when absent
+            print(f"CoLLM step 1: no finished TALLRec run in {tallrec}; training it first")
+            resume = args.resume and os.path.isfile(os.path.join(tallrec, "state.safetensors"))
+            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": resume}))
+        res = data.check_run(tallrec, "trainable.safetensors")
+        diff = {k: (res["args"].get(k), vars(args)[k]) for k in STAGE1 if res["args"].get(k) != vars(args)[k]}
+        if diff or res.get("llm_fingerprint") != fingerprint:
+            raise ValueError(f"{tallrec} is not this CoLLM's step 1: " + (f"its settings differ (saved vs now: {diff})"
+                             if diff else f"it was trained on another LLM ({res.get('llm')})") + "; move it away")
+        stage1 = os.path.join(tallrec, "trainable.safetensors")
+        lora = collm.load_trained(stage1, {f"lora.{k}": v for k, v in m.lora.state_dict().items()},
+                                  "this CoLLM's LoRA")
+        m.lora.load_state_dict({k.removeprefix("lora."): v for k, v in lora.items()})
+        m.stage1 = res["files"]["trainable.safetensors"]  # recorded by the CoLLM run, compared by load_run
+    else:
+        m = cora.CoRA(llm, tok, yes_no, cf_model, weight_types=args.weight_types, r=args.r, alpha=args.alpha,
+                      n_queries=args.n_queries, n_blocks=args.n_blocks, ffn_dim=args.ffn_dim, **kw)
+    if args.cf_norm == "standard":  # fixed statistics of the frozen CF features over every train row
+        t = ds.train
+        m.standardize(*(torch.as_tensor(v) for v in (t.uid, t.iid, cf.history_ids(t.history, cf.MAX_HISTORY))))
+    return m
 
 
-# Arguments that do not change what a run computes, so --resume accepts them changed.
-RESUME_FREE = ("resume", "threads", "max_minutes", "eval_batch_size", "ckpt_every", "skip_nonfinite")
-
+# ---------------------------------------------------------------------------------------- checkpoints and history
 
 def save_state(path, model, opt, best, meta):
     """Everything a run needs to continue, in one safetensors file written atomically (temp + fsync + rename):
@@ -426,22 +245,8 @@ def load_state(path, model, opt, args):
     torch.set_rng_state(t["rng.torch"])
     if "rng.cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["rng.cuda"])
-    best = {k.removeprefix("best."): v.to(own[k.removeprefix("best.")].device) for k, v in t.items() if k.startswith("best.")}
+    best = {k[5:]: v.to(own[k[5:]].device) for k, v in t.items() if k.startswith("best.")}  # k[5:]: after "best."
     return best or None, meta
-
-
-def check_split(split, name, path_hint):
-    if len(split) == 0:
-        raise ValueError(f"the {name} split of {path_hint} is empty")
-    if not 0 < split.label.sum() < len(split):
-        raise ValueError(f"the {name} split of {path_hint} holds only label {int(split.label[0])} rows: AUC is "
-                         f"undefined; every split needs both clicks and non-clicks")
-
-
-def run_llm(args):
-    """Train and test one LLM method (args filled by fill_llm_defaults); rank 0 holds the run folder's lock."""
-    with run_lock(llm_run_dir(args)) if rank_world()[0] == 0 else contextlib.nullcontext():
-        return _run_llm(args)
 
 
 HISTORY = ("step", "epoch", "lr", "train_loss", "grad_norm", "valid_auc", "valid_uauc", "train_examples_per_s")
@@ -469,187 +274,204 @@ def learning_curve(rows, width=40, most=12):
     return "\n".join(lines)
 
 
-def _run_llm(args):
-    t0 = time.time()
+# ------------------------------------------------------------------------------------------- the LLM training loop
+
+def run_llm(args):
+    """Train and test one LLM method (args filled by fill_llm_defaults); rank 0 holds the run folder's lock."""
+    with data.run_lock(llm_run_dir(args)) if rank_world()[0] == 0 else contextlib.nullcontext():
+        run = setup(args)
+        train(args, run)
+        return finish(args, run)
+
+
+def setup(args):
+    """Data, frozen LLM, method, optimizer and counters (from the checkpoint with --resume), in one namespace."""
+    r = SimpleNamespace(t0=time.time(), out=llm_run_dir(args))
     torch.manual_seed(args.seed)
-    device, dtype = llama.DEVICE, llama.resolve_dtype(args.dtype)  # the frozen LLM's dtype; trainables stay fp32
-    rank, world = rank_world()  # torchrun: every rank trains on 1/world of each global batch; rank 0 writes
-    log = print if rank == 0 else (lambda *a, **kw: None)
+    r.device, r.dtype = llama.DEVICE, llama.resolve_dtype(args.dtype)  # the frozen LLM's dtype; trainables stay fp32
+    r.rank, r.world = rank_world()  # torchrun: every rank trains on 1/world of each global batch; rank 0 writes
+    r.log = print if r.rank == 0 else (lambda *a, **kw: None)
+    # data: the splits (seeded subsets with --*-limit), checked, and their prompts tokenised once
     ds = data.load_dataset(args.data, args.data_root)
     ds = data.id_only(ds) if args.prompt == "id-only" else ds
-    splits = {"train": limit(ds.train, args.train_limit, args.seed), "valid": limit(ds.valid, args.valid_limit, args.seed),
-              "test": limit(ds.test, args.test_limit, args.seed)}
-    for name, split in splits.items():
-        check_split(split, name, f"--data {args.data}")
-    if args.batch_size * args.accum > len(splits["train"]):
+    r.splits = {k: data.limit(ds.split(k), getattr(args, f"{k}_limit"), args.seed) for k in ("train", "valid", "test")}
+    for name, split in r.splits.items():
+        data.check_split(split, name, f"--data {args.data}")
+    if args.batch_size * args.accum > len(r.splits["train"]):
         raise ValueError(f"--batch-size {args.batch_size} x --accum {args.accum} is larger than the "
-                         f"{len(splits['train'])} train rows")
-    out = llm_run_dir(args)
-    state_path = os.path.join(out, "state.safetensors")
-    if args.resume and not os.path.isfile(state_path):
-        raise FileNotFoundError(f"--resume: no checkpoint {state_path} to resume from (the run finished, or never "
+                         f"{len(r.splits['train'])} train rows")
+    r.state_path, r.running = (os.path.join(r.out, f) for f in ("state.safetensors", "history.running.tsv"))
+    if args.resume and not os.path.isfile(r.state_path):
+        raise FileNotFoundError(f"--resume: no checkpoint {r.state_path} to resume from (the run finished, or never "
                                 f"saved one); run without --resume")
-    folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
-    llm, tok = llama.load(folder, dtype, device)
+    r.folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
+    llm, r.tok = llama.load(r.folder, r.dtype, r.device)
     llm = llama.compile_blocks(llm) if args.compile else llm
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
-    enc = {k: collm.encode_split(tok, ds, s, template) for k, s in splits.items()}
-    longest = {k: max(map(len, seqs)) for k, (seqs, _) in enc.items()}
-    for k, n in longest.items():
-        if n > llm.args.max_seq_len:
-            raise ValueError(f"the longest {k} prompt has {n} tokens, more than the {llm.args.max_seq_len} "
-                             f"positions of {folder} (max_position_embeddings, or its sliding_window)")
-    yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
-    fingerprint = llm_fingerprint(folder)
-    model = build_llm_method(args, ds, llm, tok, yes_no, fingerprint).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    net = model
-    if world > 1:  # DDP all-reduces the trainable parameters' gradients only; frozen LLM/CF weights are left out of it
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
-                                      broadcast_buffers=False)
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr,
-                            fused=True)  # one kernel over every tensor (CPU and CUDA): the same update, faster
-    steps_per_epoch = math.ceil(len(splits["train"]) / args.batch_size / args.accum)
-    total = min(n for n in (args.max_steps, args.epochs * steps_per_epoch) if n)  # also the cosine's horizon
-
-    def lr_at(step):  # linear warm-up from warmup_lr, then cosine to min_lr (CoLLM's linear_warmup_cosine_lr)
-        if step < args.warmup:
-            return args.warmup_lr + (args.lr - args.warmup_lr) * step / args.warmup
-        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
-
-    # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch
-    # and the sums of train loss and gradient norm over the steps since the last validation (for history.tsv)
-    best, c = None, dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0)
-    history = []  # one row per validation (HISTORY columns); kept in the checkpoint, so --resume continues it exactly
+    r.enc = {k: collm.encode_split(r.tok, ds, s, template) for k, s in r.splits.items()}  # {split: (ids, slots)}
+    for k, (seqs, _) in r.enc.items():
+        if max(map(len, seqs)) > llm.args.max_seq_len:
+            raise ValueError(f"the longest {k} prompt has {max(map(len, seqs))} tokens, more than the "
+                             f"{llm.args.max_seq_len} positions of {r.folder} (max_position_embeddings, or its "
+                             f"sliding_window)")
+    # the method on the frozen LLM; DDP all-reduces the gradients of its trainable parameters only
+    yes_no = collm.answer_ids(r.tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], template))
+    r.fingerprint = llm_fingerprint(r.folder)
+    r.model = r.net = build_llm_method(args, ds, llm, r.tok, yes_no, r.fingerprint).to(r.device)
+    r.params = [p for p in r.model.parameters() if p.requires_grad]
+    if r.world > 1:
+        frozen = [n for n, p in r.model.named_parameters() if not p.requires_grad] + [
+            n for n, _ in r.model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(r.model, frozen)
+        r.net = DistributedDataParallel(r.model, device_ids=[torch.cuda.current_device()] if r.device == "cuda"
+                                        else None, broadcast_buffers=False)
+    r.opt = torch.optim.AdamW([{"params": [p for p in r.params if p.ndim >= 2], "weight_decay": args.wd},
+                               {"params": [p for p in r.params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr,
+                              fused=True)  # one kernel over every tensor (CPU and CUDA): the same update, faster
+    steps_per_epoch = math.ceil(len(r.splits["train"]) / args.batch_size / args.accum)
+    r.total = min(n for n in (args.max_steps, args.epochs * steps_per_epoch) if n)  # also the cosine's horizon
+    # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch, and
+    # the sums of train loss and gradient norm over the steps since the last validation (for history.tsv)
+    r.best, r.history = None, []  # history: one row per validation (HISTORY), kept in the checkpoint
+    r.c = dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0)
     if args.resume:
-        best, meta = load_state(state_path, model, opt, args)
-        c, history = {**c, **{k: meta[k] for k in c if k in meta}}, meta.get("history", [])
-        log(f"resumed from {state_path} at step {c['step']} (best valid auc {c['best_auc']:.4f})")
-    running = os.path.join(out, "history.running.tsv")  # the finished run's history.tsv stays whole until commit
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        data.atomic_write(running, history_tsv(history))
-    log(f"{args.method} on {args.data}: {len(splits['train'])} train rows, {n_train:,} trainable parameters, "
-        f"{total} steps of {args.batch_size}x{args.accum}, {device} {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
-    seqs, slots = enc["train"]
-    tl, seen, skipped, out_of_time = time.time(), 0, 0, False
+        r.best, meta = load_state(r.state_path, r.model, r.opt, args)
+        r.c, r.history = {**r.c, **{k: meta[k] for k in r.c if k in meta}}, meta.get("history", [])
+        r.log(f"resumed from {r.state_path} at step {r.c['step']} (best valid auc {r.c['best_auc']:.4f})")
+    if r.rank == 0:  # the finished run's history.tsv stays whole until commit; this one grows meanwhile
+        os.makedirs(r.out, exist_ok=True)
+        data.atomic_write(r.running, history_tsv(r.history))
+    r.log(f"{args.method} on {args.data}: {len(r.splits['train'])} train rows, {sum(p.numel() for p in r.params):,} "
+          f"trainable parameters, {r.total} steps of {args.batch_size}x{args.accum}, {r.device} "
+          f"{str(r.dtype).removeprefix('torch.')}" + (f", {r.world} processes" if r.world > 1 else ""))
+    return r
+
+
+def epoch_batches(c, lengths, size, seed):
+    """The global batches from the counters' place on, without end: each epoch a length-bucketed order seeded by the
+    step it began at, so --resume (c["epoch_start"], c["pos"]) continues the same order."""
+    while True:
+        yield from collm.batches(lengths, size, True, seed + c["epoch_start"])[c["pos"]:]
+        c["epoch_start"], c["pos"] = c["step"], 0
+
+
+def train(args, r):
+    """Until --max-steps, --patience validations without gain or --max-minutes: forward and backward over the
+    micro-batches, clip, AdamW step; validate and log every --eval-every steps, checkpoint every --ckpt-every."""
+    c, (seqs, slots), rank, world = r.c, r.enc["train"], r.rank, r.world
+    t_start, seen, skipped, out_of_time = time.time(), 0, 0, False
     since = dict(rows=0, t=time.time())  # train rows and time since the last validation (or resume): throughput
-    while c["step"] < total and c["bad"] < args.patience and not out_of_time:
-        groups = collm.batches([len(s) for s in seqs], args.batch_size * args.accum, True, args.seed + c["epoch_start"])
-        for group in groups[c["pos"]:]:
-            if len(group) < world * args.accum:  # an epoch's remainder too small for every process and micro-batch
-                c["pos"] += 1
-                continue
-            net.train()
-            loss_sum = 0.0
-            for k, idx in enumerate(np.array_split(group[rank::world], args.accum)):  # this rank's micro-batches
-                b = collm.collate(tok, seqs, slots, splits["train"], idx, device)
-                with net.no_sync() if world > 1 and k < args.accum - 1 else contextlib.nullcontext():
-                    # DDP averages over ranks: weight world * |idx| / |group| gives the global mean
-                    loss = F.binary_cross_entropy_with_logits(net(b), b["label"]) * len(idx) * world / len(group)
-                    loss.backward()
-                loss_sum += loss.item() / world
-            if world > 1:  # the global loss: the log and the NaN check agree on every rank
-                t = torch.tensor([loss_sum], device=device)
-                dist.all_reduce(t)
-                loss_sum = t.item()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(c["step"])
-            norm = torch.nn.utils.clip_grad_norm_(params, args.clip or math.inf)  # 0: the norm only, no clipping
-            if not math.isfinite(loss_sum) or not torch.isfinite(norm):
-                last = state_path if os.path.isfile(state_path) else "none saved yet"
-                msg = (f"step {c['step'] + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}"
-                       f" (loss {loss_sum}); last good checkpoint: {last}")
-                skipped += 1
-                if not args.skip_nonfinite or skipped >= 10:
-                    raise FloatingPointError(msg + ("; 10 steps in a row were non-finite" if args.skip_nonfinite else
-                                                    "; lower --lr and --resume, or pass --skip-nonfinite"))
-                log(msg + "; step skipped (--skip-nonfinite)")
-                opt.zero_grad(set_to_none=True)
-                c["pos"] += 1
-                continue  # the step counter does not advance: the batch is dropped
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            skipped = 0
-            c["step"], c["pos"], seen = c["step"] + 1, c["pos"] + 1, seen + len(group)
-            step = c["step"]
-            c.update(loss_sum=c["loss_sum"] + loss_sum, norm_sum=c["norm_sum"] + norm.item(), since=c["since"] + 1)
-            since["rows"] += len(group)
-            out_of_time = bool(args.max_minutes) and time.time() - tl > 60 * args.max_minutes
-            evaluate = step % args.eval_every == 0 or step == total or out_of_time
-            if evaluate:
-                rate_train = since["rows"] / (time.time() - since["t"])
-                valid = cf.evaluate(splits["valid"], predict(model, *enc["valid"], splits["valid"], args.eval_batch_size, device))
-                if valid["auc"] > c["best_auc"]:
-                    c["best_auc"], c["bad"] = valid["auc"], 0
-                    best = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-                else:
-                    c["bad"] += 1
-                rate = seen / (time.time() - tl)
-                history.append(dict(step=step, epoch=round(step * args.batch_size * args.accum / len(splits["train"]), 4),
-                                    lr=lr_at(step - 1), train_loss=c["loss_sum"] / c["since"],
-                                    grad_norm=c["norm_sum"] / c["since"], valid_auc=valid["auc"],
-                                    valid_uauc=valid["uauc"], train_examples_per_s=rate_train))
-                if rank == 0:
-                    with open(running, "a", encoding="utf-8") as f:
-                        f.write(history_tsv(history[-1:], header=False))
-                c.update(loss_sum=0.0, norm_sum=0.0, since=0)
-                since = dict(rows=0, t=time.time())
-                log(f"step {step}/{total} loss {history[-1]['train_loss']:.4f} lr {lr_at(step):.2e} valid auc "
-                    f"{valid['auc']:.4f} uauc {valid['uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | "
-                    f"train {rate_train:.1f} ex/s, eta {(total - step) * len(group) / rate / 60:.1f} min")
-            if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
-                save_state(state_path, model, opt, best, {**c, "args": vars(args), "history": history})
-            if step >= total or c["bad"] >= args.patience or out_of_time:
-                break
-        else:  # the epoch ran out: the next one starts here, with its own batch order
-            c["epoch_start"], c["pos"] = c["step"], 0
+    for group in epoch_batches(c, [len(s) for s in seqs], args.batch_size * args.accum, args.seed):
+        if c["step"] >= r.total or c["bad"] >= args.patience or out_of_time:
+            break
+        c["pos"] += 1
+        if len(group) < world * args.accum:  # an epoch's remainder too small for every process and micro-batch
+            continue
+        # forward and backward, one micro-batch at a time; DDP averages over ranks, so the weight
+        # world * |idx| / |group| makes the sum the mean loss of the global batch
+        r.net.train()
+        loss_sum = 0.0
+        for k, idx in enumerate(np.array_split(group[rank::world], args.accum)):  # this rank's micro-batches
+            b = collm.collate(r.tok, seqs, slots, r.splits["train"], idx, r.device)
+            with r.net.no_sync() if world > 1 and k < args.accum - 1 else contextlib.nullcontext():
+                loss = F.binary_cross_entropy_with_logits(r.net(b), b["label"]) * len(idx) * world / len(group)
+                loss.backward()
+            loss_sum += loss.item() / world
+        if world > 1:  # the global loss: the log and the NaN check agree on every rank
+            t = torch.tensor([loss_sum], device=r.device)
+            dist.all_reduce(t)
+            loss_sum = t.item()
+        # clip (--clip 0: measure the norm only) and step, unless the loss or the gradient is not finite
+        for g in r.opt.param_groups:
+            g["lr"] = lr_at(c["step"], args, r.total)
+        norm = torch.nn.utils.clip_grad_norm_(r.params, args.clip or math.inf)
+        if not math.isfinite(loss_sum) or not torch.isfinite(norm):
+            last = r.state_path if os.path.isfile(r.state_path) else "none saved yet"
+            msg = (f"step {c['step'] + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'}"
+                   f" (loss {loss_sum}); last good checkpoint: {last}")
+            skipped += 1
+            if not args.skip_nonfinite or skipped >= 10:
+                raise FloatingPointError(msg + ("; 10 steps in a row were non-finite" if args.skip_nonfinite else
+                                                "; lower --lr and --resume, or pass --skip-nonfinite"))
+            r.log(msg + "; step skipped (--skip-nonfinite)")
+            r.opt.zero_grad(set_to_none=True)
+            continue  # the step counter does not advance: the batch is dropped
+        r.opt.step()
+        r.opt.zero_grad(set_to_none=True)
+        skipped, seen, since["rows"] = 0, seen + len(group), since["rows"] + len(group)
+        c.update(step=c["step"] + 1, loss_sum=c["loss_sum"] + loss_sum, norm_sum=c["norm_sum"] + norm.item(),
+                 since=c["since"] + 1)
+        step = c["step"]
+        # validate and log at intervals (and at the end); checkpoint every --ckpt-every steps and at each validation
+        out_of_time = bool(args.max_minutes) and time.time() - t_start > 60 * args.max_minutes
+        evaluate = step % args.eval_every == 0 or step == r.total or out_of_time
+        if evaluate:
+            row = validate(args, r, since)
+            since = dict(rows=0, t=time.time())
+            r.log(f"step {step}/{r.total} loss {row['train_loss']:.4f} lr {lr_at(step, args, r.total):.2e} valid auc "
+                  f"{row['valid_auc']:.4f} uauc {row['valid_uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | "
+                  f"train {row['train_examples_per_s']:.1f} ex/s, "
+                  f"eta {(r.total - step) * len(group) / (seen / (time.time() - t_start)) / 60:.1f} min")
+        if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
+            save_state(r.state_path, r.model, r.opt, r.best, {**c, "args": vars(args), "history": r.history})
     if out_of_time:
-        log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
-    model.load_state_dict(best, strict=False)
-    scores = predict(model, *enc["test"], splits["test"], args.eval_batch_size, device)
-    test = cf.evaluate(splits["test"], scores)
-    result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=c["best_auc"], steps=c["step"],
-                  trainable_params=n_train, wall_time_s=time.time() - t0, train_rows=len(splits["train"]),
-                  test_rows=len(splits["test"]), llm=folder, llm_fingerprint=fingerprint, device=device,
-                  dtype=str(dtype).removeprefix("torch."), test=test,
-                  peak_memory_mb=peak_memory_mb(), processes=world, stage1=getattr(model, "stage1", None))
-    if rank > 0:
+        r.log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
+
+
+def validate(args, r, since):
+    """Score the valid split, keep the best weights, append a history row (also to history.running.tsv)."""
+    c, step = r.c, r.c["step"]
+    scores = collm.predict(r.model, *r.enc["valid"], r.splits["valid"], args.eval_batch_size, r.device)
+    valid = cf.evaluate(r.splits["valid"], scores)
+    if valid["auc"] > c["best_auc"]:
+        c["best_auc"], c["bad"] = valid["auc"], 0
+        r.best = {k: v.detach().clone() for k, v in r.model.trainable_state().items()}
+    else:
+        c["bad"] += 1
+    r.history.append(dict(step=step, epoch=round(step * args.batch_size * args.accum / len(r.splits["train"]), 4),
+                          lr=lr_at(step - 1, args, r.total), train_loss=c["loss_sum"] / c["since"],
+                          grad_norm=c["norm_sum"] / c["since"], valid_auc=valid["auc"], valid_uauc=valid["uauc"],
+                          train_examples_per_s=since["rows"] / (time.time() - since["t"])))
+    c.update(loss_sum=0.0, norm_sum=0.0, since=0)
+    if r.rank == 0:
+        with open(r.running, "a", encoding="utf-8") as f:
+            f.write(history_tsv(r.history[-1:], header=False))
+    return r.history[-1]
+
+
+def finish(args, r):
+    """Test the best weights; commit the run folder (weights, history, predictions, results.json); print the learning
+    curve and the test row beside the CF model's on the same rows."""
+    r.model.load_state_dict(r.best, strict=False)
+    scores = collm.predict(r.model, *r.enc["test"], r.splits["test"], args.eval_batch_size, r.device)
+    test = cf.evaluate(r.splits["test"], scores)
+    result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=r.c["best_auc"],
+                  steps=r.c["step"], trainable_params=sum(p.numel() for p in r.params), wall_time_s=time.time() - r.t0,
+                  train_rows=len(r.splits["train"]), test_rows=len(r.splits["test"]), llm=r.folder,
+                  llm_fingerprint=r.fingerprint, device=r.device, dtype=str(r.dtype).removeprefix("torch."),
+                  test=test, peak_memory_mb=cf.peak_memory_mb(), processes=r.world,
+                  stage1=getattr(r.model, "stage1", None))
+    if r.rank > 0:
         return result
-    weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in best.items()})
-    commit_run(out, {"trainable.safetensors": weights, "history.tsv": history_tsv(history).encode()},
-               predictions_tsv(splits["test"], scores), result)
-    for path in (state_path, running):  # the run is complete: weights, history, predictions and results remain
+    weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in r.best.items()})
+    data.commit_run(r.out, {"trainable.safetensors": weights, "history.tsv": history_tsv(r.history).encode()},
+                    data.predictions_tsv(r.splits["test"], scores), result)
+    for path in (r.state_path, r.running):  # the run is complete: weights, history, predictions and results remain
         if os.path.isfile(path):
             os.remove(path)
-    log(learning_curve(history))
-    table = markdown_table(args.method, {"test": test}, result["wall_time_s"])
-    cf_dir = run_dir(args.out, args.data, args.cf)
-    cf_run = finished(cf_dir, "cf.safetensors")
+    r.log(learning_curve(r.history))
+    table = cf.markdown_table(args.method, {"test": test}, result["wall_time_s"])
+    cf_dir = data.run_dir(args.out, args.data, args.cf)
+    cf_run = data.finished(cf_dir, "cf.safetensors")
     if cf_run:  # the CF model on exactly the same test rows, beside it
-        cf_test = cf.evaluate(splits["test"], cf.predict(cf.load_cf(os.path.join(cf_dir, "cf.safetensors")), splits["test"]))
-        table += "\n" + markdown_table(args.cf, {"test": cf_test}, cf_run["wall_time_s"]).split("\n")[-1]
+        cf_model = cf.load_cf(os.path.join(cf_dir, "cf.safetensors"))
+        cf_test = cf.evaluate(r.splits["test"], cf.predict(cf_model, r.splits["test"]))
+        table += "\n" + cf.markdown_table(args.cf, {"test": cf_test}, cf_run["wall_time_s"]).split("\n")[-1]
     print(table)
     return result
 
 
-def peak_memory_mb(reset=False):
-    """This process's peak memory so far: the CUDA allocator's on GPU, the peak resident set (VmHWM) on CPU. reset:
-    start the peak again from now (a child's maximum RSS otherwise starts from its parent's)."""
-    if llama.DEVICE == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the peak resident set size to the current one
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
+# ------------------------------------------------------------------------------------------------------- benchmark
 
 def bench_llm(args, ds):
     """The LLM folder --bench times: --llm, or the toy LLM built once under --out."""
@@ -700,14 +522,13 @@ def bench(args, reps=3):
     --dtype alone): examples/s, step time, peak memory and the implied ML-1M epoch. The cases of a dtype are timed
     in this process in interleaved rounds (so machine noise hits them alike); each case's peak memory comes from
     a fresh child process that runs it twice (`--bench-case`)."""
-    import subprocess
-    import sys
     ds = data.load_dataset(args.data, args.data_root)
     b = bench_batch(args, ds)
     B = len(b["label"])
     dtypes = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
     print(f"bench: {args.llm or 'toy LLM'}, batch {B} x {b['tokens'].shape[1]} tokens, {args.weight_types} "
-          f"r {16 if args.r is None else args.r}, {llama.DEVICE}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"r {16 if args.r is None else args.r}, {llama.DEVICE}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
     res = {}
     for dt in dtypes:
         steps = bench_steps(args, llama.resolve_dtype(dt), ds, b)
@@ -727,7 +548,8 @@ def bench(args, reps=3):
             res[(dt, k)] = (sec, mb)
             epoch = f", ML-1M {'train epoch' if 'train' in k else 'test split'}: " + \
                 f"{(33891 if 'train' in k else 7331) / (B / sec) / 60:.1f} min"
-            print(f"{dt:5s} {k:20s} {sec * 1e3:8.1f} ms {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB{epoch}", flush=True)
+            print(f"{dt:5s} {k:20s} {sec * 1e3:8.1f} ms {B / sec:7.2f} examples/s  peak +{mb:7.1f} MB{epoch}",
+                  flush=True)
         for mode in ("train", "forward"):
             (t0, m0), (t1, m1) = res[(dt, f"shared LoRA {mode}")], res[(dt, f"CoRA {mode}")]
             print(f"{dt:5s} CoRA / shared LoRA {mode}: {t1 / t0:.2f}x time, {m1 / m0:.2f}x peak memory")
@@ -765,15 +587,17 @@ def bench_case(args):
     ds = data.load_dataset(args.data, args.data_root)
     method = args.bench_case.rsplit(" ", 1)[0]
     step = bench_steps(args, llama.resolve_dtype(args.dtype), ds, bench_batch(args, ds), method)[args.bench_case]
-    base = peak_memory_mb(reset=True)
+    base = cf.peak_memory_mb(reset=True)
     step(), step()
-    print(peak_memory_mb() - base)
+    print(cf.peak_memory_mb() - base)
 
 
 # ----------------------------------------------------------------------------- the comparison: --method all
 
 # What --method all prints alongside: the paper's test AUC, UAUC (Vicuna-7B for the LLM methods), from its Table 3
 # and, for CoRA-MF with W_c on other weight types, its Table 4.
+
+
 PAPER = {
     "ml-1m": {"mf": (0.6486, 0.6396), "lightgcn": (0.5858, 0.6512), "sasrec": (0.7005, 0.6734),
               "collm-sasrec": (0.7059, 0.6531), "cora-qkvo-sasrec": (0.7019, 0.6517), "tallrec": (0.7044, 0.6741),
@@ -787,7 +611,8 @@ PAPER = {
                     "cora-qkvo-lightgcn": (0.7886, 0.5689),
                     "cora-qkvof": (0.8141, 0.6068), "cora-qkv": (0.7741, 0.5747), "cora-qko": (0.8091, 0.5949),
                     "cora-qk": (0.7685, 0.5644)}}
-DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF", "collm-lightgcn": "CoLLM-LGCN",
+DISPLAY = {"mf": "MF", "lightgcn": "LightGCN", "tallrec": "TALLRec", "collm": "CoLLM-MF",
+           "collm-lightgcn": "CoLLM-LGCN",
            "cora-qkvo": "CoRA-MF", "cora-qkvo-lightgcn": "CoRA-LGCN", "sasrec": "SASRec", "collm-sasrec": "CoLLM-SAS",
            "cora-qkvo-sasrec": "CoRA-SAS"}
 DISPLAY.update({f"cora-{w}": f"CoRA-MF ({w})" for w in cora.WEIGHT_TYPES if w != "qkvo"})
@@ -795,6 +620,7 @@ DISPLAY.update({f"{k}-id-only": f"{v} (ID-only)" for k, v in DISPLAY.items()})
 ALL = [("mf", "mf"), ("lightgcn", "mf"), ("tallrec", "mf"), ("collm", "mf"), ("cora", "mf")]
 ALL_LGCN = [("collm", "lightgcn"), ("cora", "lightgcn")]
 ALL_SAS = [("sasrec", "mf"), ("collm", "sasrec"), ("cora", "sasrec")]
+
 
 
 def to_argv(args, **override):
@@ -813,14 +639,13 @@ def run_all(args):
     Table 4), one child process each (so each row's peak memory is its own), for each seed; then one table,
     markdown + JSON, with the paper's numbers alongside. The CF rows keep their tuned configurations: the shared
     hyperparameter options (--lr, --batch-size, --epochs, ...) apply to the LLM methods only."""
-    import subprocess
-    import sys
     seeds = [args.seed + k for k in range(args.seeds)]
     if args.ablation == "weights":
         runs = [dict(method="cora", cf=args.cf, weight_types=w) for w in cora.WEIGHT_TYPES]
     else:
         runs = [dict(method=m, cf=c) for m, c in ALL + (ALL_LGCN if args.lgcn else []) + (ALL_SAS if args.sas else [])]
-        runs += [dict(r, prompt="id-only") for r in runs if r["method"] in LLM_METHODS] if args.ablation == "text" else []
+        if args.ablation == "text":
+            runs += [dict(r, prompt="id-only") for r in runs if r["method"] in LLM_METHODS]
     rows, t0 = {}, time.time()
     for seed in seeds:
         out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{seed}")
@@ -841,7 +666,7 @@ def run_all(args):
             with open(path) as f:
                 rows.setdefault(name, []).append(json.load(f))
     ref = run_name("cora", args.cf if args.ablation == "weights" else "mf", args.weight_types)  # CoRA-MF, qkvo
-    deltas = paired_deltas(os.path.join(args.out, args.data), rows, ref) if len(seeds) == 1 else {}
+    deltas = cf.paired_deltas(os.path.join(args.out, args.data), rows, ref) if len(seeds) == 1 else {}
     table = comparison_table(args.data, rows, deltas)
     summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
                "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
@@ -855,32 +680,15 @@ def run_all(args):
     return summary
 
 
-# Settings that do not change what a run computes (accum: the same global batch in smaller micro-batches, for memory),
-# so --reuse accepts a finished run made with other values.
-RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
-               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "accum"}
-
-
 def finished_with(path, child):
     """Whether results.json at path records a finished run (check_run) of the child's arguments: every argument both
     record agrees, except RUN_CONTROL ones and CF hyperparameters the child leaves to the tuned configuration."""
-    res = finished(os.path.dirname(path), weights_file(child.method), lambda e: print(f"--reuse: {e}; not reused"))
+    res = data.finished(os.path.dirname(path), weights_file(child.method), lambda e: print(f"--reuse: {e}; not reused"))
     if res is None:
         return False
     stored = res["args"]
     child = vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child)
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
-
-
-def paired_deltas(folder, names, ref):
-    """{run: (its test AUC - run ref's, paired bootstrap SE)} for the runs in folder that scored the same test rows as
-    ref; a CF run scored on the full test split while the LLM runs used --test-limit is left out."""
-    if ref not in names:
-        return {}
-    preds = {n: np.loadtxt(os.path.join(folder, n, "predictions.tsv"), skiprows=1, ndmin=2) for n in names}
-    r = preds[ref]                                                              # (N, 4): uid, iid, label, score
-    return {n: (cf.auc(r[:, 2], p[:, 3]) - cf.auc(r[:, 2], r[:, 3]), cf.auc_diff_se(r[:, 2], p[:, 3], r[:, 3]))
-            for n, p in preds.items() if p.shape == r.shape and np.array_equal(p[:, :3], r[:, :3])}
 
 
 def comparison_table(data_name, rows, deltas=None):
@@ -950,14 +758,14 @@ def load_run(run, llm, tok, folder):
     its dataset, the method with its trained weights)."""
     if not os.path.isdir(run):
         raise FileNotFoundError(f"--adapter {run}: no such run folder (a finished LLM run, e.g. runs/ml-1m/cora-qkvo)")
-    res = check_run(run, "trainable.safetensors")
+    res = data.check_run(run, "trainable.safetensors")
     a = argparse.Namespace(**{**vars(cli().parse_args([])), **res["args"], "resume": False})
     fingerprint = llm_fingerprint(folder)
     if a.method not in LLM_METHODS or res.get("llm_fingerprint") != fingerprint:
         raise ValueError(f"--adapter {run}: " + (f"a {a.method} run, not an LLM method's" if a.method not in LLM_METHODS
                          else f"trained on the LLM {res.get('llm')}, not on --llm {folder} (their files differ)"))
     if a.method == "collm":  # its step 1 must still be there: build_llm_method would train a missing one
-        check_run(run_dir(a.out, a.data, run_name("tallrec", prompt=a.prompt)), "trainable.safetensors")
+        data.check_run(data.run_dir(a.out, a.data, run_name("tallrec", prompt=a.prompt)), "trainable.safetensors")
     ds = data.load_dataset(a.data, a.data_root)
     yes_no = collm.answer_ids(tok, data.build_prompt(ds, ds.train.history[0], ds.train.iid[0], "tallrec"))
     m = build_llm_method(a, ds, llm, tok, yes_no, fingerprint).to(llama.DEVICE).eval()
@@ -965,7 +773,7 @@ def load_run(run, llm, tok, folder):
         raise ValueError(f"--adapter {run}: its step-1 TALLRec run has been trained again since; the CoLLM run no "
                          f"longer has the LoRA it was trained with")
     path = os.path.join(run, "trainable.safetensors")
-    m.load_state_dict(load_trained(path, m.trainable_state(), f"{a.method} on --llm {folder}"), strict=False)
+    m.load_state_dict(collm.load_trained(path, m.trainable_state(), f"{a.method} on --llm {folder}"), strict=False)
     return a, ds, m
 
 
@@ -1009,7 +817,8 @@ def general_ability(args):
     base = res["base LLM"]
     lines = ["| LLM as left by | perplexity | change | cloze accuracy | change |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['perplexity']:.2f} | {v['perplexity'] / base['perplexity'] - 1:+.1%} | "
-              f"{v['cloze_accuracy']:.3f} | {v['cloze_accuracy'] - base['cloze_accuracy']:+.3f} |" for k, v in res.items()]
+              f"{v['cloze_accuracy']:.3f} | {v['cloze_accuracy'] - base['cloze_accuracy']:+.3f} |"
+              for k, v in res.items()]
     print(f"general ability of {args.llm} ({args.general_text}, first 4,096 tokens; {CLOZE}, {len(rows)} items)")
     print("\n".join(lines))
     return res
@@ -1032,7 +841,7 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
     ds = runs[0][1] if runs else data.load_dataset(args.data, args.data_root)
     uid, iid, his = sample_pairs(ds, 30 if args.pairs is None else args.pairs, args.seed)
     item = "book" if ds.kind == "book" else "movie"
-    control = any(a.method == "collm" for a, _, _ in runs)  # the base LLM on CoLLM's wording, placeholders as plain tokens
+    control = any(a.method == "collm" for a, _, _ in runs)  # the base LLM on CoLLM's wording, placeholders as text
     names = ["base LLM"] + ["base LLM, CoLLM's prompt"] * control + [os.path.normpath(r) for r in args.adapter or []]
     nll, examples = [], []
     for j in range(len(uid)):
@@ -1046,16 +855,18 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
             outs.append((cids, llm.generate(cids, max_new_tokens, tok.eos_id)))
         for a, _, m in runs:
             if a.method == "collm":
-                emb = m.embed(cids, uid[j:j + 1], iid[j:j + 1], torch.tensor([slots], device=llama.DEVICE), his[j:j + 1])
+                at = torch.tensor([slots], device=llama.DEVICE)
+                emb = m.embed(cids, uid[j:j + 1], iid[j:j + 1], at, his[j:j + 1])
                 outs.append((cids, llm.generate(cids, max_new_tokens, tok.eos_id, embeds=emb, deltas=m.lora.deltas())))
             else:
                 deltas = m.deltas(uid[j:j + 1], iid[j:j + 1], his[j:j + 1]) if a.method == "cora" else m.lora.deltas()
                 outs.append((ids, llm.generate(ids, max_new_tokens, tok.eos_id, deltas=deltas)))
         texts = [tok.decode([i for i in o[0, p.shape[1]:].tolist() if i != tok.eos_id]) for p, o in outs]
         said = [k for k, text in enumerate(texts) if text.strip()]  # an empty answer has no perplexity
-        row = np.full(len(texts), np.nan)  # mean NLL per token of each answer under the base LLM, given the plain question
+        row = np.full(len(texts), np.nan)  # mean NLL per token of each answer: the base LLM, the plain question
         if said:
-            row[said] = -answer_logprob(llm, tok, [q] * len(said), [texts[k] for k in said], per_token=True).cpu().numpy()
+            lp = answer_logprob(llm, tok, [q] * len(said), [texts[k] for k in said], per_token=True)
+            row[said] = -lp.cpu().numpy()
         nll.append(row)
         examples.append((title, texts))
     ppl = np.exp(np.nanmean(np.array(nll), 0))
@@ -1069,21 +880,9 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
     return dict(zip(names, ppl.tolist())), examples
 
 
-def fill_llm_defaults(args):
-    """The official schedule (LLM_BASE, LLM_DEFAULTS; TOY_LLM for the toy LLM) for every option left unset."""
-    own = LLM_DEFAULTS.get(f"{args.method}-{args.cf}", LLM_DEFAULTS[args.method])  # CoRA-LGCN / -SAS: their own
-    defaults = {**LLM_BASE, **own, **(TOY_LLM if args.data == "toy" and not args.llm else {})}
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if not (args.max_steps or args.epochs):
-        raise ValueError("--max-steps 0 with --epochs 0 sets no end to training: give either a positive value")
-    if args.cf_norm is None:
-        args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
-    r, alpha = (16, 32.0) if args.method == "cora" else (8, 16.0)  # rank and scaling: CoRA's, TALLRec/CoLLM's LoRA
-    args.r, args.alpha = r if args.r is None else args.r, alpha if args.alpha is None else args.alpha
-    return args
 
+
+# --------------------------------------------------------------------------------------------------- command line
 
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 DIST_TIMEOUT = timedelta(minutes=30)  # for the process group to form, and for any collective (rank 0 may train CF)
@@ -1115,7 +914,7 @@ def interrupted(args):
         return "interrupted; the same command with --reuse keeps the runs that finished"
     if args.method in CF_METHODS or args.bench or args.eval_general or args.generate:
         return "interrupted (nothing to continue: only LLM methods save checkpoints)"
-    folders = [llm_run_dir(args)] + [run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))] * (
+    folders = [llm_run_dir(args)] + [data.run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))] * (
         args.method == "collm")  # CoLLM may have been training its step 1
     states = [p for p in (os.path.join(f, "state.safetensors") for f in folders)
               if os.path.isfile(p) and (args.resume or os.path.getmtime(p) >= STARTED)]
@@ -1132,7 +931,7 @@ def main(args):
     if args.bench_case:
         return bench_case(args)
     if not (args.eval_general or args.generate or args.bench and args.llm):  # a run writes under --out
-        check_out(args.out)
+        data.check_out(args.out)
     if args.bench:
         return bench(args)
     if args.eval_general or args.generate:
@@ -1140,7 +939,7 @@ def main(args):
             raise ValueError("--eval-general and --generate need --llm PATH (the base LLM of the --adapter runs)")
         return general_ability(args) if args.eval_general else semantic_disruption(args)
     if args.method == "all":
-        with run_lock(os.path.join(args.out, args.data)):  # all.md / all.json: one comparison at a time
+        with data.run_lock(os.path.join(args.out, args.data)):  # all.md / all.json: one comparison at a time
             return run_all(args)
     if os.environ.get("WORLD_SIZE", "1") != "1" and not dist.is_initialized():  # launched by torchrun
         init_distributed(args)
@@ -1148,11 +947,12 @@ def main(args):
         if args.epochs == 0:
             raise ValueError("--epochs 0: a CF model trains for at least one epoch (0 means no limit for LLM methods)")
         torch.set_num_threads(args.threads or 1)  # 1 thread is fastest for these small models
-        return run_cf(args.data, args.method, args.out, args.data_root, args.seed, {k: getattr(args, k) for k in HYPER})
+        hp = {k: getattr(args, k) for k in HYPER}
+        return cf.run_cf(args.data, args.method, args.out, args.data_root, args.seed, hp)
     if args.llm and not os.path.isfile(os.path.join(args.llm, "config.json")):
-        raise FileNotFoundError(f"--llm {args.llm}: no such Hugging Face LLaMA folder (config.json + model.safetensors"
-                                f" + tokenizer.model or tokenizer.json; README.md, Bring your own LLaMA), or omit --llm "
-                                f"for the toy LLM")
+        raise FileNotFoundError(f"--llm {args.llm}: no such Hugging Face LLaMA folder (config.json + "
+                                f"model.safetensors + tokenizer.model or tokenizer.json; README.md, Bring your own "
+                                f"LLaMA), or omit --llm for the toy LLM")
     fill_llm_defaults(args)
     try:
         return run_llm(args)
@@ -1201,7 +1001,7 @@ def cli():
     parser.add_argument("--data-root", default=None, help="data folder (default: env CORA_ML1M / CORA_BOOK)")
     parser.add_argument("--out", default="runs")
     parser.add_argument("--seed", type=at_least(0, below=2 ** 63), default=2023)
-    parser.add_argument("--epochs", type=zero_off, help="passes over the train rows at most (LLM methods: 0 = no limit)")
+    parser.add_argument("--epochs", type=zero_off, help="passes over the train rows at most (LLM methods: 0 = none)")
     parser.add_argument("--lr", type=positive)
     parser.add_argument("--wd", type=nonneg)
     parser.add_argument("--dim", type=natural, help="CF embedding size")
@@ -1240,7 +1040,7 @@ def cli():
     g.add_argument("--ckpt-every", type=zero_off, default=0, help="steps between checkpoints (0: --eval-every)")
     g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
                    "instead of stopping")
-    g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm and --adapter runs")
+    g.add_argument("--eval-general", action="store_true", help="perplexity + cloze accuracy of --llm, --adapter runs")
     g.add_argument("--generate", action="store_true", help="answers to a question about the item, base vs --adapter")
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
     g.add_argument("--pairs", type=natural, help="--eval-general / --generate: seeded test (user, item) pairs (8 / 30)")
