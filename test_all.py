@@ -126,7 +126,7 @@ def smollm2():
     return SMOL, load_file(os.path.join(gguf_dir, "golden.safetensors"))
 
 
-def _damage(path, what):
+def damage_safetensors(path, what):
     """Cut a safetensors file to half ("truncated"), or make its header claim twice the file's size ("header lies")."""
     blob = bytearray(open(path, "rb").read())
     if what == "truncated":
@@ -148,14 +148,14 @@ class FakeCF(torch.nn.Module):
         return self.u(uid), self.i(iid)
 
 
-def _batch(rows, uid, iid, pad=0):
+def token_batch(rows, uid, iid, pad=0):
     T = max(map(len, rows))
     return dict(tokens=torch.tensor([[pad] * (T - len(r)) + r for r in rows]),
                 mask=torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
                 uid=torch.tensor(uid), iid=torch.tensor(iid), label=torch.ones(len(rows)))
 
 
-def _cora(weight_types="qkvo", std=0.3, seed=0):
+def tiny_cora(weight_types="qkvo", std=0.3, seed=0):
     llm = random_llama(tiny_args(), dtype=torch.float32, seed=seed)
     torch.manual_seed(seed)
     m = cora.CoRA(llm, None, [5, 7], FakeCF(), weight_types=weight_types, r=4, alpha=8, n_blocks=2, n_heads=2,
@@ -439,7 +439,7 @@ def _corrupt(tmp, what):
     if what == "missing file":
         os.remove(st)
     elif what in ("truncated", "header lies"):  # "header lies": a header claiming more bytes than the file holds
-        _damage(st, what)
+        damage_safetensors(st, what)
     elif what == "missing key":
         sd = load_file(st)
         sd.pop("model.norm.weight")
@@ -657,9 +657,9 @@ def test_unicode_classes_are_exact_and_fast():
 
 @pytest.mark.parametrize("weight_types", list(cora.WEIGHT_TYPES))
 def test_cora_equals_materialised_per_example_merge(weight_types):
-    m = _cora(weight_types)
+    m = tiny_cora(weight_types)
     rows = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
-    b = _batch(rows, [1, 2, 3], [4, 5, 6])
+    b = token_batch(rows, [1, 2, 3], [4, 5, 6])
     with torch.no_grad():
         out = m(b)
         q = m.generator(torch.cat(m.cf.embed(b["uid"], b["iid"]), -1)[:, None])
@@ -680,29 +680,29 @@ def test_cora_equals_materialised_per_example_merge(weight_types):
 
 
 def test_cora_per_pair_weights_and_batch_invariance():
-    m = _cora()
+    m = tiny_cora()
     with torch.no_grad():
         d = m.deltas(torch.tensor([1, 2, 1]), torch.tensor([4, 4, 4]))
         A = d[(0, "q")][0]
         assert (A[0] - A[1]).abs().max() > 1e-3 and torch.equal(A[0], A[2])
-        alone = m(_batch([[3, 4, 5]], [1], [4]))
-        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+        alone = m(token_batch([[3, 4, 5]], [1], [4]))
+        batched = m(token_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)
 
 
 def test_cora_zero_init_is_base_llm():
-    m = _cora(std=0)
-    b = _batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
+    m = tiny_cora(std=0)
+    b = token_batch([[3, 4, 5, 6], [8, 9]], [1, 2], [3, 4])
     base = m.llm(b["tokens"], b["mask"], last_only=True, token_ids=m.yes_no)[:, 0]
     assert torch.equal(m(b), base)
 
 
 def test_cora_gradients_reach_only_generator_and_heads():
-    m = _cora(weight_types="qkvof").train()
+    m = tiny_cora(weight_types="qkvof").train()
     with torch.no_grad():
         for p in m.proj.values():
             p.normal_(0, 0.3)
-    logits = m(_batch([[3, 4, 5], [6, 7]], [1, 2], [3, 4]))
+    logits = m(token_batch([[3, 4, 5], [6, 7]], [1, 2], [3, 4]))
     F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0])).backward()
     trainable = dict(m.named_parameters())
     assert all(p.grad is None for p in m.llm.parameters()) and all(p.grad is None for p in m.cf.parameters())
@@ -715,7 +715,7 @@ def test_cora_gradients_reach_only_generator_and_heads():
 def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
     uid, iid = torch.arange(9).repeat(2)[:15], torch.arange(11).flip(0).repeat(2)[:15]  # the "train" rows
     u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
-    m = _cora()
+    m = tiny_cora()
     c = collm.CoLLM(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7], FakeCF(), delta_dropout=0.0)
     with torch.no_grad():
         for model in (m, c):
@@ -732,13 +732,13 @@ def test_cf_norm_uses_fixed_train_statistics_and_saves_them():
                 emb = c.embed(torch.tensor([[3, 0, 4, 0]] * 3), u, i, torch.tensor([[1, 3]] * 3))
                 torch.testing.assert_close(emb[:, [1, 3]], c.cie(z.view(3, 2, 8)), atol=1e-6, rtol=0)
             assert {"x_mean", "x_std"} <= set(model.trainable_state())
-        alone = m(_batch([[3, 4, 5]], [1], [4]))
-        batched = m(_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
+        alone = m(token_batch([[3, 4, 5]], [1], [4]))
+        batched = m(token_batch([[9, 9, 9, 9, 9, 9], [3, 4, 5], [7, 8]], [2, 1, 3], [5, 4, 6]))
         torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=0)  # fixed statistics: batch-invariant
-        again = _cora()
+        again = tiny_cora()
         again.cf.load_state_dict(m.cf.state_dict())
         again.load_state_dict(m.trainable_state(), strict=False)  # what a run saves restores the statistics
-        assert torch.equal(again(_batch([[3, 4, 5]], [1], [4])), alone)
+        assert torch.equal(again(token_batch([[3, 4, 5]], [1], [4])), alone)
     assert "x_mean" not in collm.TALLRec(random_llama(tiny_args(), dtype=torch.float32), None, [5, 7]).trainable_state()
 
 
@@ -771,7 +771,7 @@ class PadTok:
     """The one piece of llama.Tokenizer that collm.collate uses: left padding of id lists (pad id 9 here)."""
 
     def batch(self, seqs, device):
-        b = _batch(seqs, [0] * len(seqs), [0] * len(seqs), pad=9)
+        b = token_batch(seqs, [0] * len(seqs), [0] * len(seqs), pad=9)
         return b["tokens"], b["mask"]
 
 
@@ -811,7 +811,7 @@ def test_answer_ids_and_length_buckets(tmp_path):
 
 def test_one_step_changes_only_trainable_parameters():
     for make in (lambda llm: collm.TALLRec(llm, None, [5, 7]), lambda llm: collm.CoLLM(llm, None, [5, 7], FakeCF()),
-                 lambda llm: _cora(std=0)):
+                 lambda llm: tiny_cora(std=0)):
         m = make(random_llama(tiny_args(), dtype=torch.float32)).train()
         frozen_state = lambda: {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("llm.", "cf."))}
         frozen = frozen_state()
@@ -819,7 +819,7 @@ def test_one_step_changes_only_trainable_parameters():
         params = [p for p in m.parameters() if p.requires_grad]
         before = [p.clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-2)
-        b = _batch([[3, 4, 0, 5, 0], [6, 0, 7, 0]], [1, 2], [3, 4])
+        b = token_batch([[3, 4, 0, 5, 0], [6, 0, 7, 0]], [1, 2], [3, 4])
         b["slots"] = torch.tensor([[2, 4], [2, 4]])
         F.binary_cross_entropy_with_logits(m(b), torch.tensor([1.0, 0.0])).backward()
         opt.step()
@@ -1453,7 +1453,7 @@ def _broken_llm(tmp, llm, what):
     weights = {"integer": lambda t: t.to(torch.int8), "float8": lambda t: t.to(torch.float8_e4m3fn),
                "nan": lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "other": lambda t: t + 1}
     if what in ("truncated", "header lies"):
-        _damage(st, what)
+        damage_safetensors(st, what)
     elif what in config:
         json.dump({**c, **config[what]}, open(cfg, "w"))
     elif what in weights:

@@ -62,16 +62,16 @@ from collm import rank_world
 # evaluations without gain, no clipping. CoRA plora_pretrain_mf_ood_movie.yaml: the same schedule with batch 8, valid
 # every 100, 1000 x 100 = 100k iterations, r 16, alpha 32, q/k/v/o; plora_pretrain_{lgcn,sasrec}_movie.yaml: r 64,
 # alpha 128, batch 16, 200 x 50. An official "epoch" is iters_per_epoch iterations, not a pass over the data: no pass
-# limit (epochs 0) here either. TALLRec/CoLLM LoRA: r 8, alpha 16 (fill_llm_defaults).
+# limit (epochs 0) here either. TALLRec/CoLLM LoRA (CoLLM's lora_config): r 8, alpha 16, q and v, dropout 0.05.
 LLM_METHODS = ("tallrec", "collm", "cora")
 LLM_BASE = dict(min_lr=8e-5, warmup_lr=1e-5, warmup=200, wd=1e-3, patience=20, epochs=0, accum=1, clip=0.0,
                 eval_batch_size=32)
 LLM_DEFAULTS = {
-    "tallrec": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000),
-    "collm": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000),
-    "cora": dict(lr=1e-3, batch_size=8, eval_every=100, max_steps=100_000),
-    "cora-lightgcn": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
-    "cora-sasrec": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128),
+    "tallrec": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000, r=8, alpha=16.0),
+    "collm": dict(lr=1e-3, batch_size=32, eval_every=50, max_steps=10_000, r=8, alpha=16.0),
+    "cora": dict(lr=1e-3, batch_size=8, eval_every=100, max_steps=100_000, r=16, alpha=32.0),
+    "cora-lightgcn": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128.0),
+    "cora-sasrec": dict(lr=1e-3, batch_size=16, eval_every=50, max_steps=10_000, r=64, alpha=128.0),
 }
 # The toy LLM (no --llm on --data toy): a few passes, quick validations.
 TOY_LLM = dict(epochs=4, max_steps=0, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
@@ -96,8 +96,6 @@ def fill_llm_defaults(args):
         raise ValueError("--max-steps 0 with --epochs 0 sets no end to training: give either a positive value")
     if args.cf_norm is None:
         args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
-    r, alpha = (16, 32.0) if args.method == "cora" else (8, 16.0)  # rank and scaling: CoRA's, TALLRec/CoLLM's LoRA
-    args.r, args.alpha = r if args.r is None else args.r, alpha if args.alpha is None else args.alpha
     return args
 
 
