@@ -116,15 +116,19 @@ def evaluate(rows, scores):
     return out
 
 
+def table(header, rows):
+    """A markdown table: the header cells, a rule, then each row's cells (every table this project prints)."""
+    lines = ["| " + " | ".join(map(str, cells)) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
+
+
 def markdown_table(method, results, wall_s):
     """One markdown row per split of {split: evaluate(...) dict}."""
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     keys = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
-    lines = ["| method | split | AUC | UAUC | warm AUC | warm UAUC | cold AUC | cold UAUC | n | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {method} | {split} | " + " | ".join(fmt(m[k]) for k in keys) + f" | {m['n']} | {wall_s:.1f}s |"
-              for split, m in results.items()]
-    return "\n".join(lines)
+    header = ["method", "split", "AUC", "UAUC", "warm AUC", "warm UAUC", "cold AUC", "cold UAUC", "n", "wall time"]
+    return table(header, [[method, split, *(fmt(m[k]) for k in keys), m["n"], f"{wall_s:.1f}s"]
+                          for split, m in results.items()])
 
 
 def paired_deltas(folder, names, ref):

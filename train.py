@@ -700,16 +700,16 @@ def comparison_table(data_name, rows, deltas=None):
             return "-"
         return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
     paper, deltas = PAPER.get(data_name, {}), deltas or {}
-    lines = ["| method | AUC | UAUC | warm AUC | cold AUC | AUC - CoRA-MF (paired SE) | paper AUC / UAUC | wall time "
-             "| trainable params | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["method", "AUC", "UAUC", "warm AUC", "cold AUC", "AUC - CoRA-MF (paired SE)", "paper AUC / UAUC",
+              "wall time", "trainable params", "peak memory"]
+    cells = []
     for name, rs in rows.items():
         p, d = paper.get(name), deltas.get(name)
-        cells = [DISPLAY.get(name, name), *(stat(rs, k) for k in ("auc", "uauc", "warm_auc", "cold_auc")),
-                 f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-", f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
-                 f"{np.mean([r['wall_time_s'] for r in rs]):.0f} s", f"{rs[0].get('trainable_params', 0):,}",
-                 mb(max(r.get("peak_memory_mb") or 0 for r in rs))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([DISPLAY.get(name, name), *(stat(rs, k) for k in ("auc", "uauc", "warm_auc", "cold_auc")),
+                      f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-", f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
+                      f"{np.mean([r['wall_time_s'] for r in rs]):.0f} s", f"{rs[0].get('trainable_params', 0):,}",
+                      mb(max(r.get("peak_memory_mb") or 0 for r in rs))])
+    return cf.table(header, cells)
 
 
 # ----------------------------------------------------------------------------- general ability (paper Fig. 1)
@@ -813,12 +813,11 @@ def general_ability(args):
             deltas = [m.lora.deltas()]
         res[run] = scores(deltas)
     base = res["base LLM"]
-    lines = ["| LLM as left by | perplexity | change | cloze accuracy | change |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['perplexity']:.2f} | {v['perplexity'] / base['perplexity'] - 1:+.1%} | "
-              f"{v['cloze_accuracy']:.3f} | {v['cloze_accuracy'] - base['cloze_accuracy']:+.3f} |"
-              for k, v in res.items()]
     print(f"general ability of {args.llm} ({args.general_text}, first 4,096 tokens; {CLOZE}, {len(rows)} items)")
-    print("\n".join(lines))
+    print(cf.table(["LLM as left by", "perplexity", "change", "cloze accuracy", "change"],
+                   [[k, f"{v['perplexity']:.2f}", f"{v['perplexity'] / base['perplexity'] - 1:+.1%}",
+                     f"{v['cloze_accuracy']:.3f}", f"{v['cloze_accuracy'] - base['cloze_accuracy']:+.3f}"]
+                    for k, v in res.items()]))
     return res
 
 
@@ -870,8 +869,7 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
     ppl = np.exp(np.nanmean(np.array(nll), 0))
     print(f"semantic disruption: {len(uid)} test pairs of {ds.name}, greedy, {max_new_tokens} new tokens at most; "
           f"answers scored by the base LLM given the plain question")
-    print("| LLM as left by | perplexity of its answers |\n|---|---|")
-    print("\n".join(f"| {n} | {p:.2f} |" for n, p in zip(names, ppl)))
+    print(cf.table(["LLM as left by", "perplexity of its answers"], [[n, f"{p:.2f}"] for n, p in zip(names, ppl)]))
     for title, texts in examples[:show]:
         print(f"\n{QUESTION.format(item=item, title=title)}")
         print("\n".join(f"  {n}: {t.strip()!r}" for n, t in zip(names, texts)))
