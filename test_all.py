@@ -1348,6 +1348,21 @@ def test_given_numbers_are_kept_and_zero_switches_limits_off():
     assert (parse("--alpha", "0.5").r, parse("--alpha", "0.5").alpha) == (16, 0.5)
 
 
+def test_reuse_and_resume_compare_the_global_batch(tmp_path):
+    """--accum splits a step's batch into micro-batches: --batch-size 16 --accum 2 is the run that 32 x 1 made (the
+    same rows per step, the same order), 32 x 2 is another run; --reuse and --resume (computes) agree."""
+    argv = ["--method", "tallrec", "--out", str(tmp_path)]
+    made = train.fill_llm_defaults(train.cli().parse_args(argv))                    # toy schedule: batch 32, accum 1
+    folder = tmp_path / "toy" / "tallrec"
+    folder.mkdir(parents=True)
+    data.commit_run(str(folder), {"trainable.safetensors": b"w"}, "uid\tiid\tlabel\tscore\n", {"args": vars(made)})
+    reused = lambda *more: train.finished_with(str(folder / "results.json"), train.cli().parse_args(argv + [*more]))
+    assert reused() and reused("--batch-size", "16", "--accum", "2") and reused("--batch-size", "8", "--accum", "4")
+    assert not reused("--accum", "2") and not reused("--batch-size", "16")
+    assert train.computes(dict(batch_size=16, accum=2, lr=1e-3)) == dict(batch_size=32, lr=1e-3)
+    assert train.computes(dict(batch_size=None, accum=None)) == dict(batch_size=None)  # a CF child: tuned batch
+
+
 def train_hist_columns():
     return train.HISTORY
 

@@ -75,11 +75,11 @@ LLM_DEFAULTS = {
 }
 # The toy LLM (no --llm on --data toy): a few passes, quick validations.
 TOY_LLM = dict(epochs=4, max_steps=0, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
-# Settings that do not change what a run computes (accum: the same global batch in smaller micro-batches, for
-# memory), so --reuse takes a finished run made with other values and --resume continues with new ones;
-# --resume also takes a new --max-minutes (a time limit for this invocation, which --reuse must compare).
+# Settings that do not change what a run computes, so --reuse takes a finished run made with other values and
+# --resume continues with new ones; --resume also takes a new --max-minutes (a time limit for this invocation,
+# which --reuse must compare). --batch-size and --accum count by their product (computes).
 RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
-               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "accum", "eval_batch_size"}
+               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "eval_batch_size"}
 RESUME_FREE = RUN_CONTROL | {"max_minutes"}
 STAGE1 = ("r", "alpha", "lora_targets")  # what CoLLM's step-1 TALLRec run must share with it
 STARTED = time.time()  # a checkpoint older than this process is not one it saved
@@ -97,6 +97,16 @@ def fill_llm_defaults(args):
     if args.cf_norm is None:
         args.cf_norm = "standard" if args.cf == "sasrec" and args.method != "tallrec" else "none"
     return args
+
+
+def computes(a):
+    """A run's arguments {name: value} as what they compute: a step's global batch (--batch-size x --accum, which
+    only splits it into micro-batches, for memory) in place of the two."""
+    a = dict(a)
+    accum = a.pop("accum", None) or 1
+    if a.get("batch_size") is not None:
+        a["batch_size"] *= accum
+    return a
 
 
 def lr_at(step, args, total):
@@ -224,8 +234,8 @@ def load_state(path, model, opt, args):
     with safe_open(path, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("state", "null")) or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
-    diff = {k: (v, vars(args).get(k)) for k, v in meta.get("args", {}).items()
-            if k not in RESUME_FREE and v != vars(args).get(k)}
+    saved, now = computes(meta.get("args", {})), computes(vars(args))
+    diff = {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUME_FREE and v != now.get(k)}
     if "step" not in meta or diff:
         raise ValueError(f"{path}: not a checkpoint of this run (settings that differ, saved vs now: {diff}); "
                          f"resume with the same arguments or start afresh without --resume")
@@ -684,8 +694,8 @@ def finished_with(path, child):
     res = data.finished(os.path.dirname(path), weights_file(child.method), lambda e: print(f"--reuse: {e}; not reused"))
     if res is None:
         return False
-    stored = res["args"]
-    child = vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child)
+    stored = computes(res["args"])
+    child = computes(vars(fill_llm_defaults(child) if child.method in LLM_METHODS else child))
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
 
