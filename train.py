@@ -1051,8 +1051,8 @@ def cli():
     g.add_argument("--adapter", nargs="*", help="--eval-general: trained LLM run folders, e.g. runs/ml-1m/cora-qkvo")
     g.add_argument("--pairs", type=natural, help="--eval-general / --generate: seeded test (user, item) pairs (8 / 30)")
     g.add_argument("--general-text", default="/usr/share/common-licenses/GPL-3", help="--eval-general: English text")
-    g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (pays off on GPU and "
-                   "on long runs: compiling takes minutes on a CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder block (no faster than eager "
+                   "on a 2-core AMX CPU in bf16: README, Speed; not yet measured on a GPU)")
     g.add_argument("--bench", action="store_true", help="shared LoRA vs CoRA, fp32 vs bf16: step time and memory")
     g.add_argument("--bench-case", help=argparse.SUPPRESS)  # one case of --bench, in a child process
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="the frozen LLM's dtype; auto: "
