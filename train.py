@@ -1011,7 +1011,8 @@ def cli():
     parser.add_argument("--lr", type=positive)
     parser.add_argument("--wd", type=nonneg)
     parser.add_argument("--dim", type=natural, help="CF embedding size")
-    parser.add_argument("--batch-size", type=natural)
+    parser.add_argument("--batch-size", type=natural, help="rows per (micro-)batch; LLM methods: a step "
+                        "reads --batch-size x --accum rows")
     parser.add_argument("--patience", type=natural, help="evaluations without a better valid AUC before stopping")
     parser.add_argument("--init-std", type=positive, help="CF embedding init std (default: per data/method, see above)")
     parser.add_argument("--threads", type=natural, default=None, help="torch CPU threads (CF default 1)")
@@ -1030,7 +1031,8 @@ def cli():
     g.add_argument("--n-queries", type=natural, default=4)
     g.add_argument("--n-blocks", type=natural, default=8)
     g.add_argument("--ffn-dim", type=natural, default=3072)
-    g.add_argument("--accum", type=natural, help="gradient accumulation steps")
+    g.add_argument("--accum", type=natural, help="micro-batches per step (gradient accumulation): the same "
+                   "run as one batch of their sum, in less memory")
     g.add_argument("--eval-every", type=natural, help="optimizer steps between validations")
     g.add_argument("--eval-batch-size", type=natural)
     g.add_argument("--warmup", type=zero_off, help="linear warm-up steps")
