@@ -318,8 +318,9 @@ def setup(args):
     template = collm.CoLLM.template if args.method == "collm" else "tallrec"
     r.enc = {k: collm.encode_split(r.tok, ds, s, template) for k, s in r.splits.items()}  # {split: (ids, slots)}
     for k, (seqs, _) in r.enc.items():
-        if max(map(len, seqs)) > llm.args.max_seq_len:
-            raise ValueError(f"the longest {k} prompt has {max(map(len, seqs))} tokens, more than the "
+        longest = max(map(len, seqs))
+        if longest > llm.args.max_seq_len:
+            raise ValueError(f"the longest {k} prompt has {longest} tokens, more than the "
                              f"{llm.args.max_seq_len} positions of {r.folder} (max_position_embeddings, or its "
                              f"sliding_window)")
     # the method on the frozen LLM; DDP all-reduces the gradients of its trainable parameters only
