@@ -19,7 +19,8 @@ Deliberate choices:
 - Left padding; position ids are cumsum(mask) - 1, so each row's tokens sit at 0..n-1 as if run alone and h[:, -1]
   is every row's last prompt token. Padded query rows attend to themselves (a fully masked softmax row is NaN).
 - Attention is explicit matmuls with a 0/-inf bias, query heads grouped onto their key head by a view: on CPU
-  faster than masked SDPA, forward and backward (tested equal). last_only runs the last layer on the last query only.
+  faster than masked SDPA with gradients; without them (scoring) SDPA with the same bias is faster (tested equal).
+  last_only runs the last layer on the last query only.
 - Weights stay in their loaded dtype (bf16 on CUDA and AMX CPUs, no autocast); RMSNorm and the Yes/No logits run
   in fp32; the delta factors stay the caller's fp32 parameters, cast where they meet x.
 - Delta-path dropout draws one mask per input (q, k, v share one; gate, up another) from 16-bit random numbers.
@@ -253,7 +254,10 @@ class RMSNorm(nn.Module):
 def attend(q, k, v, bias):
     """softmax(q k^T / sqrt(hd) + bias) v; q (B, H, T, hd), k and v (B, KV, S, hd), bias (B or 1, 1, T, S) 0 or -inf.
     k and v are never repeated. The softmax runs in the model dtype (its kernels accumulate bf16 in fp32), matching
-    HF's eager attention's fp32 softmax cast back to bf16."""
+    HF's eager attention's fp32 softmax cast back to bf16. Without autograd (scoring) SDPA's fused kernel with the same
+    bias is faster on CPU (2x a layer at batch 32 in bf16); with it slower (its backward): each path where it wins."""
+    if not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     q = (q * hd ** -0.5).reshape(B, KV, H // KV * T, hd)                # (B, KV, G*T, hd): G query heads per key head

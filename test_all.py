@@ -247,7 +247,8 @@ def _sdpa_reference(q, k, v, bias):
 
 def test_attend_equals_masked_sdpa_padded_per_example_deltas(monkeypatch):
     """The explicit-matmul attention (and the last layer's single query) equals masked SDPA on a left-padded batch
-    whose rows have long fully padded prefixes, with per-example deltas on q, k, v, o: forward and gradients."""
+    whose rows have long fully padded prefixes, with per-example deltas on q, k, v, o: forward and gradients; and
+    without autograd (SDPA with the 0/-inf bias) the same forward."""
     a = tiny_args()
     m = random_llama(a, dtype=torch.float32)
     lengths, T = [9, 1, 4, 2], 9
@@ -272,6 +273,11 @@ def test_attend_equals_masked_sdpa_padded_per_example_deltas(monkeypatch):
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-5)  # fp32 sums
     torch.testing.assert_close(fast[1][0], fast[0][0].view(-1, a.vocab_size)[np.cumsum(lengths) - 1], atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    with torch.no_grad():  # scoring takes SDPA with the same bias: equal to the explicit path above
+        for last_only, (out, _) in zip((False, True), fast):
+            real = m(tokens, mask, deltas=deltas, last_only=last_only)
+            torch.testing.assert_close(real if last_only else real[mask.bool()], out, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_dropout_statistics_and_delta_dropout_only_while_training():
