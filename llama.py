@@ -209,11 +209,6 @@ def proj_dims(args):
                 gate=(args.hidden_dim, args.dim), up=(args.hidden_dim, args.dim), down=(args.dim, args.hidden_dim))
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def project(linear, x, delta, xd=None, memo=None):
     """y = x W^T + (xd A^T) B^T; xd is x after the delta path's dropout (default: x). memo {id(A): xd A^T} lets
     projections reading the same input with the same A (CoRA's ΔW_A serves q, k and v) share one product."""
@@ -241,14 +236,29 @@ def fast_dropout(x, p):
     return torch.where(keep, x, 0) * (65536 / (65536 - t))
 
 
+def rms_norm(x, weight, eps):
+    """Normalised in (at least) fp32 as HF does, scaled in the model dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """x rotated in the HF rotate-half layout: x cos + [-x2, x1] sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def swiglu(g, u):
+    return F.silu(g) * u
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps, self.weight, self.fn = eps, nn.Parameter(torch.ones(dim)), rms_norm  # fn: compile_elementwise
 
-    def forward(self, x):  # normalise in (at least) fp32 as HF does, scale in the model dtype
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x):
+        return self.fn(x, self.weight, self.eps)
 
 
 def attend(q, k, v, bias):
@@ -274,6 +284,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.rope = rope
 
     def forward(self, x, cos, sin, bias, deltas, p, last=False):
         """last: only the last position's output (B, 1, d), its query reading every key."""
@@ -287,7 +298,7 @@ class Attention(nn.Module):
             memo = {k: xa[:, -1:] for k, xa in memo.items()}
         q = project(self.q_proj, x, deltas.get("q"), xd, memo).view(B, -1, self.n_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, Tq, hd), (B, KV, T, hd)
-        q, k = q * cq + rotate_half(q) * sq, k * cos + rotate_half(k) * sin
+        q, k = self.rope(q, cq, sq), self.rope(k, cos, sin)
         y = attend(q, k, v, bias[:, :, -1:] if last else bias)            # (B, H, Tq, hd)
         y = y.transpose(1, 2).reshape(B, q.shape[2], -1)                   # (B, Tq, H * hd)
         return project(self.o_proj, y, deltas.get("o"), delta_input(y, deltas, "o", p))
@@ -299,12 +310,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
         self.up_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
         self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=False)
+        self.swiglu = swiglu
 
     def forward(self, x, deltas, p):
         xd, memo = delta_input(x, deltas, ("gate", "up"), p), {}          # one dropout mask for gate, up
         g = project(self.gate_proj, x, deltas.get("gate"), xd, memo)      # (B, T, d_ffn)
         u = project(self.up_proj, x, deltas.get("up"), xd, memo)          # (B, T, d_ffn)
-        h = F.silu(g) * u
+        h = self.swiglu(g, u)
         return project(self.down_proj, h, deltas.get("down"), delta_input(h, deltas, ("down",), p))
 
 
@@ -377,11 +389,18 @@ class Llama(nn.Module):
         return tokens
 
 
-def compile_blocks(model, backend="inductor"):
-    """torch.compile every decoder block in place: one compiled graph for all blocks, dynamic shapes (length buckets
-    vary T), the elementwise work around the matmuls fused. State-dict keys are unchanged."""
-    for layer in model.layers:
-        layer.compile(dynamic=True, backend=backend)
+def compile_elementwise(model, backend="inductor"):
+    """--compile: the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU) as torch.compile'd functions, each
+    a fused kernel forward and backward with dynamic shapes (length buckets vary T), shared by every layer; matmuls,
+    attention and dropout stay eager (compiling whole blocks was slower on CPU). State-dict keys are unchanged."""
+    norm, rot, glu = (torch.compile(f, dynamic=True, backend=backend) for f in (rms_norm, rope, swiglu))
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.fn = norm
+        elif isinstance(m, Attention):
+            m.rope = rot
+        elif isinstance(m, MLP):
+            m.swiglu = glu
     return model
 
 

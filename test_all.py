@@ -353,12 +353,13 @@ def test_dtype_auto_follows_the_cpu(monkeypatch):
         assert llama.resolve_dtype("auto", "cpu") == want
 
 
-def test_compiled_blocks_equal_eager():
-    """--compile: torch.compile'd blocks (dynamo capture; the eager backend keeps CI free of a C++ compile)
-    give eager's logits and delta gradients, for two prompt lengths, padding and per-example deltas."""
+def test_compiled_elementwise_equals_eager():
+    """--compile: torch.compile'd RMSNorm, RoPE and SwiGLU (dynamo capture; the eager backend keeps CI free of a C++
+    compile) give eager's logits and delta gradients, for two prompt lengths, padding and per-example deltas."""
     a = tiny_args()
     eager, compiled = random_llama(a, dtype=torch.float32), random_llama(a, dtype=torch.float32)
-    llama.compile_blocks(compiled, backend="eager")
+    llama.compile_elementwise(compiled, backend="eager")
+    assert compiled.layers[1].mlp.swiglu is not llama.swiglu and eager.layers[1].mlp.swiglu is llama.swiglu
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch.manual_seed(3)
     for T in (6, 9):
