@@ -25,6 +25,7 @@ Deliberate choices:
   in fp32; the delta factors stay the caller's fp32 parameters, cast where they meet x.
 - Delta-path dropout draws one mask per input (q, k, v share one; gate, up another) from 16-bit random numbers.
 - RoPE cos/sin come from per-row position ids on the fly (no cache); `generate` is greedy without a KV cache.
+- `--compile` (compile_elementwise) fuses RMSNorm, RoPE and SwiGLU only: whole compiled blocks ran slower on CPU.
 - Loading checks every safetensors header and names every problem in one error before reading a tensor; the model
   is built on the meta device and the tensors assigned in place (never held twice). pytorch_model*.bin pickles
   are not read: `python llama.py --convert DIR OUT` turns them into safetensors once.
