@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cf
@@ -1398,7 +1399,8 @@ def train_hist_columns():
 
 def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp_path, toy_llm):
     """CoRA (dropout in the generator and on the delta path: the RNG state matters): SIGKILL after a checkpoint,
-    --resume, and the predictions equal an uninterrupted run's; a second uninterrupted run is identical too."""
+    --resume, and the predictions equal an uninterrupted run's; a second uninterrupted run is identical too. The
+    resumed run's wall time adds the checkpoint's (set to 1000 s here) to its own."""
     argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "12", "--eval-every", "6", "--ckpt-every", "2",
             "--train-limit", "200", "--valid-limit", "100", "--test-limit", "100", "--batch-size", "16",
             "--warmup", "4"]
@@ -1411,9 +1413,14 @@ def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp
     p.kill()  # SIGKILL right after the first checkpoint
     p.wait()
     assert p.returncode == -9 and not (runs["killed"] / "toy" / "cora-qkvo" / "results.json").exists()
-    p = _train_log(runs["killed"], *argv, "--resume")
+    tensors, counters = load_file(state), json.loads(safe_open(state, "pt").metadata()["state"])
+    assert counters["wall_s"] > 0  # the first invocation's wall time, recorded
+    save_file(tensors, state, {"state": json.dumps({**counters, "wall_s": 1000.0})})
+    t0, p = time.time(), _train_log(runs["killed"], *argv, "--resume")
     log = p.communicate()[0]
     assert p.returncode == 0, log
+    wall = json.load(open(runs["killed"] / "toy" / "cora-qkvo" / "results.json"))["wall_time_s"]
+    assert 1000 < wall < 1000 + time.time() - t0
     step = int(re.search(r"resumed from .* at step (\d+)", log).group(1))
     assert 0 < step < 12
     preds = {k: (v / "toy" / "cora-qkvo" / "predictions.tsv").read_text() for k, v in runs.items()}
@@ -1771,10 +1778,14 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     pred = {n: np.loadtxt(tmp_path / "toy" / n / "predictions.tsv", skiprows=1) for n in ("cora-qk", "cora-qkvo")}
     assert deltas["cora-qk"][0] == pytest.approx(cf.auc(pred["cora-qk"][:, 2], pred["cora-qk"][:, 3]) -
                                                  cf.auc(pred["cora-qkvo"][:, 2], pred["cora-qkvo"][:, 3]))
-    fake = {"mf": [{"test": {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}, "wall_time_s": 1.0,
-                    "trainable_params": 5, "peak_memory_mb": 1.0} for a in (0.6, 0.7)]}
-    assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | - | 0.6486 / 0.6396 |"
-            in train.comparison_table("ml-1m", fake))
+    test = lambda a: {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}
+    fake = {"mf": [{"test": test(a), "wall_time_s": 1.0, "best_epoch": 3, "epochs_run": 9, "trainable_params": 5,
+                    "peak_memory_mb": 1.0} for a in (0.6, 0.7)],
+            "cora-qkvo": [{"test": test(0.7), "wall_time_s": 5 * 3600.0, "steps": 3200, "trainable_params": 7}]}
+    table = train.comparison_table("ml-1m", fake)
+    assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | - | 0.6486 / 0.6396 | "
+            "best epoch 3 of 9 | 1 s | 5 | 1 MB |" in table)
+    assert "| CoRA-MF | 0.7000 | 0.7000 | 0.7000 | - | - | 0.7361 / 0.6884 | 3,200 steps | 5.0 h | 7 | - |" in table
 
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):

@@ -339,14 +339,16 @@ def setup(args):
                               fused=True)  # one kernel over every tensor (CPU and CUDA): the same update, faster
     steps_per_epoch = math.ceil(len(r.splits["train"]) / args.batch_size / args.accum)
     r.total = min(n for n in (args.max_steps, args.epochs * steps_per_epoch) if n)  # also the cosine's horizon
-    # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch, and
-    # the sums of train loss and gradient norm over the steps since the last validation (for history.tsv)
+    # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch, the
+    # sums of train loss and gradient norm over the steps since the last validation (for history.tsv), and the wall
+    # time of the invocations before this one (a resumed run's wall time is the sum of its invocations')
     r.best, r.history = None, []  # history: one row per validation (HISTORY), kept in the checkpoint
-    r.c = dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0)
+    r.c = dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0, wall_s=0.0)
     if args.resume:
         r.best, meta = load_state(r.state_path, r.model, r.opt, args)
         r.c, r.history = {**r.c, **{k: meta[k] for k in r.c if k in meta}}, meta.get("history", [])
         r.log(f"resumed from {r.state_path} at step {r.c['step']} (best valid auc {r.c['best_auc']:.4f})")
+    r.wall = lambda: r.c["wall_s"] + time.time() - r.t0  # this run's wall time so far, over every invocation
     if r.rank == 0:  # the finished run's history.tsv stays whole until commit; this one grows meanwhile
         os.makedirs(r.out, exist_ok=True)
         data.atomic_write(r.running, history_tsv(r.history))
@@ -422,7 +424,8 @@ def train(args, r):
                   f"train {row['train_examples_per_s']:.1f} ex/s, --max-steps {r.total} in "
                   f"{(r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600:.1f} h at most")
         if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
-            save_state(r.state_path, r.model, r.opt, r.best, {**c, "args": vars(args), "history": r.history})
+            meta = {**c, "wall_s": r.wall(), "args": vars(args), "history": r.history}
+            save_state(r.state_path, r.model, r.opt, r.best, meta)
     if out_of_time:
         r.log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
 
@@ -455,7 +458,7 @@ def finish(args, r):
     scores = collm.predict(r.model, *r.enc["test"], r.splits["test"], args.eval_batch_size, r.device)
     test = cf.evaluate(r.splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=r.c["best_auc"],
-                  steps=r.c["step"], trainable_params=sum(p.numel() for p in r.params), wall_time_s=time.time() - r.t0,
+                  steps=r.c["step"], trainable_params=sum(p.numel() for p in r.params), wall_time_s=r.wall(),
                   train_rows=len(r.splits["train"]), test_rows=len(r.splits["test"]), llm=r.folder,
                   llm_fingerprint=r.fingerprint, device=r.device, dtype=str(r.dtype).removeprefix("torch."),
                   test=test, peak_memory_mb=cf.peak_memory_mb(), processes=r.world,
@@ -704,6 +707,9 @@ def comparison_table(data_name, rows, deltas=None):
     """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3; deltas
     {run name: (AUC difference to CoRA, its SE)} (paired_deltas) adds a column."""
     mb = lambda v: f"{v:,.0f} MB" if v else "-"  # runs saved before peak memory was recorded have none
+    hours = lambda s: f"{s:.0f} s" if s < 3600 else f"{s / 3600:.1f} h"
+    trained = lambda r: (f"{r['steps']:,} steps" if "steps" in r else  # LLM methods; CF models: epochs
+                         f"best epoch {r['best_epoch']} of {r['epochs_run']}" if "best_epoch" in r else "-")
 
     def stat(rs, key):
         v = [r["test"][key] for r in rs if r["test"][key] is not None]
@@ -712,13 +718,14 @@ def comparison_table(data_name, rows, deltas=None):
         return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
     paper, deltas = PAPER.get(data_name, {}), deltas or {}
     header = ["method", "AUC", "UAUC", "warm AUC", "cold AUC", "AUC - CoRA-MF (paired SE)", "paper AUC / UAUC",
-              "wall time", "trainable params", "peak memory"]
+              "training", "wall time", "trainable params", "peak memory"]
     cells = []
     for name, rs in rows.items():
         p, d = paper.get(name), deltas.get(name)
         cells.append([DISPLAY.get(name, name), *(stat(rs, k) for k in ("auc", "uauc", "warm_auc", "cold_auc")),
                       f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-", f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
-                      f"{np.mean([r['wall_time_s'] for r in rs]):.0f} s", f"{rs[0].get('trainable_params', 0):,}",
+                      trained(rs[0]), hours(np.mean([r["wall_time_s"] for r in rs])),
+                      f"{rs[0].get('trainable_params', 0):,}",
                       mb(max(r.get("peak_memory_mb") or 0 for r in rs))])
     return cf.table(header, cells)
 
