@@ -419,10 +419,11 @@ def train(args, r):
         if evaluate:
             row = validate(args, r, since)
             since = dict(rows=0, t=time.time())
+            hours = (r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600  # at this pace
             r.log(f"step {step}/{r.total} loss {row['train_loss']:.4f} lr {lr_at(step, args, r.total):.2e} valid auc "
-                  f"{row['valid_auc']:.4f} uauc {row['valid_uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} | "
-                  f"train {row['train_examples_per_s']:.1f} ex/s, --max-steps {r.total} in "
-                  f"{(r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600:.1f} h at most")
+                  f"{row['valid_auc']:.4f} uauc {row['valid_uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} "
+                  f"({c['bad']}/{args.patience} without gain) | train {row['train_examples_per_s']:.1f} ex/s, "
+                  f"--max-steps {r.total} in {hours:.1f} h at most")
         if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
             meta = {**c, "wall_s": r.wall(), "args": vars(args), "history": r.history}
             save_state(r.state_path, r.model, r.opt, r.best, meta)
