@@ -45,6 +45,7 @@ import shutil
 import struct
 import sys
 import unicodedata
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,14 @@ def cpu_has_bf16():
 
 
 def resolve_dtype(name="auto", device=DEVICE):
-    """--dtype auto|fp32|bf16 -> the frozen LLM's dtype. auto: bf16 on CUDA and on a CPU with native bf16, else fp32.
+    """--dtype auto|fp32|bf16 -> the frozen LLM's dtype. auto: bf16 on CUDA and on a CPU with native bf16, else fp32
+    (bf16 asked for on a CPU without it warns: emulated, it is slower than fp32).
     Trainable weights, optimizer state, the Yes/No logits and the loss stay fp32 whatever this is."""
     if name == "auto":
         return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+    if name == "bf16" and device == "cpu" and not cpu_has_bf16():
+        warnings.warn("--dtype bf16 on a CPU without native bf16 (AMX or AVX-512 BF16): its bf16 matmuls are emulated, "
+                      "6-40x slower than fp32 (README, Speed); --dtype auto takes fp32 here", stacklevel=2)
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 

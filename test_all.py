@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+import warnings
 from graphlib import TopologicalSorter
 from unittest import mock
 
@@ -347,11 +348,19 @@ def test_bf16_step_changes_only_fp32_trainables():
 
 
 def test_dtype_auto_follows_the_cpu(monkeypatch):
+    """auto: bf16 where it is native (CUDA, AMX / AVX-512 BF16), fp32 elsewhere; --bench times what auto allows;
+    bf16 asked for on a CPU that emulates it runs, with one warning naming the cost."""
     assert llama.resolve_dtype("fp32") == torch.float32 and llama.resolve_dtype("bf16") == torch.bfloat16
     assert llama.resolve_dtype("auto", "cuda") == torch.bfloat16
     for has, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(llama, "cpu_has_bf16", lambda: has)
         assert llama.resolve_dtype("auto", "cpu") == want
+        assert train.bench_dtypes("auto", "cpu") == (["fp32", "bf16"] if has else ["fp32"])
+        assert train.bench_dtypes("bf16", "cpu") == ["bf16"] and train.bench_dtypes("auto", "cuda") == ["fp32", "bf16"]
+        with warnings.catch_warnings(record=True) as caught:  # bf16 asked for where it is emulated: one warning
+            warnings.simplefilter("always")
+            assert llama.resolve_dtype("bf16", "cpu") == llama.resolve_dtype("bf16", "cuda") == torch.bfloat16
+        assert [str(w.message)[:40] for w in caught] == ([] if has else ["--dtype bf16 on a CPU without native bf1"])
 
 
 def test_compiled_elementwise_equals_eager():

@@ -530,18 +530,27 @@ def bench_steps(args, dtype, ds, b, only=None):
     return steps
 
 
+def bench_dtypes(name, device=llama.DEVICE):
+    """The dtypes --bench times: --dtype fp32 or bf16 alone; auto: fp32 and bf16 where bf16 is native (CUDA, AMX /
+    AVX-512 BF16 CPUs), else fp32 alone (emulated bf16 would take most of an hour to bench for figures no run uses)."""
+    if name != "auto":
+        return [name]
+    return ["fp32", "bf16"] if llama.resolve_dtype("auto", device) == torch.bfloat16 else ["fp32"]
+
+
 def bench(args, reps=3):
-    """Shared LoRA vs CoRA (q, k, v, o; r 16) on one length-bucketed batch of real prompts, in fp32 and bf16 (or
-    --dtype alone): examples/s, step time, peak memory and the implied ML-1M epoch. The cases of a dtype are timed
-    in this process in interleaved rounds (so machine noise hits them alike); each case's peak memory comes from
-    a fresh child process that runs it twice (`--bench-case`)."""
+    """Shared LoRA vs CoRA (q, k, v, o; r 16) on one length-bucketed batch of real prompts, in bench_dtypes(--dtype):
+    examples/s, step time, peak memory and the implied ML-1M epoch. The cases of a dtype are timed in this process
+    in interleaved rounds (so machine noise hits them alike); each case's peak memory comes from a fresh child
+    process that runs it twice (`--bench-case`)."""
     ds = data.load_dataset(args.data, args.data_root)
     b = bench_batch(args, ds)
     B = len(b["label"])
-    dtypes = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
+    dtypes = bench_dtypes(args.dtype)
     print(f"bench: {args.llm or 'toy LLM'}, batch {B} x {b['tokens'].shape[1]} tokens, {args.weight_types} "
           f"r {16 if args.r is None else args.r}, {llama.DEVICE}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}" + ("" if dtypes != ["fp32"] or args.dtype == "fp32" else
+                                          "; bf16 not timed: this CPU has no native bf16 (--dtype bf16 times it)"))
     res = {}
     for dt in dtypes:
         steps = bench_steps(args, llama.resolve_dtype(dt), ds, b)
