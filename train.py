@@ -549,8 +549,8 @@ def bench(args, reps=3):
     dtypes = bench_dtypes(args.dtype)
     print(f"bench: {args.llm or 'toy LLM'}, batch {B} x {b['tokens'].shape[1]} tokens, {args.weight_types} "
           f"r {16 if args.r is None else args.r}, {llama.DEVICE}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}" + ("" if dtypes != ["fp32"] or args.dtype == "fp32" else
-                                          "; bf16 not timed: this CPU has no native bf16 (--dtype bf16 times it)"))
+          f"torch {torch.__version__}" + ("; bf16 not timed: this CPU has no native bf16 (--dtype bf16 times it)"
+                                          if args.dtype == "auto" and dtypes == ["fp32"] else ""))
     res = {}
     for dt in dtypes:
         steps = bench_steps(args, llama.resolve_dtype(dt), ds, b)
