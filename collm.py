@@ -29,6 +29,9 @@ Deliberate deviations, each documented where it happens:
   share one direction (cosine 0.965 to their mean, norm 14) and its item vectors have norm 0.04: raw, one CIE
   maps every item to nearly the same token, and CoRA's W_c is nearly the same for every example.
 """
+import contextlib
+import glob
+import json
 import math
 
 import numpy as np
@@ -113,20 +116,45 @@ def rank_world():
 
 
 @torch.no_grad()
-def predict(model, seqs, slots, split, batch_size, device):
-    """(N,) scores of every row of a split; under torchrun each rank scores every world-th batch, then all gather."""
+def predict(model, seqs, slots, split, batch_size, device, partial=None):
+    """(N,) scores of every row of a split; under torchrun each rank scores every world-th batch, then all gather.
+    partial (a path prefix, or None): each rank appends every batch it scores to <partial>.<rank>.jsonl, one JSON
+    line [rows, scores], and the rows found in any rank's file are not scored again: a long scoring cut short by a
+    kill continues where it was. The caller names the prefix per weights and deletes the files once done."""
     model.eval()
     rank, world = rank_world()
     mine = batches([len(s) for s in seqs], batch_size, shuffle=False)[rank::world]
-    scores = np.zeros(len(split), dtype=np.float32)
-    for idx in mine:
-        scores[idx] = model(collate(model.tok, seqs, slots, split, idx, device)).cpu().numpy()
+    scores, done = np.zeros(len(split), dtype=np.float32), np.zeros(len(split), dtype=bool)
+    for idx, s in read_partial(partial, len(split)):
+        scores[idx], done[idx] = s, True
+    new = [idx for idx in mine if not done[idx].all()]
+    with open(f"{partial}.{rank}.jsonl", "a", encoding="utf-8") if partial else contextlib.nullcontext() as log:
+        for idx in new:
+            scores[idx] = model(collate(model.tok, seqs, slots, split, idx, device)).cpu().numpy()
+            if log:
+                log.write("\n" + json.dumps([idx.tolist(), scores[idx].tolist()]))  # ends a line a kill cut
+                log.flush()
     if world > 1:
         parts = [None] * world
-        dist.all_gather_object(parts, [(idx, scores[idx]) for idx in mine])
+        dist.all_gather_object(parts, [(idx, scores[idx]) for idx in new])
         for idx, s in (pair for part in parts for pair in part):
             scores[idx] = s
     return scores
+
+
+def read_partial(partial, n):
+    """The (rows, scores) lines of predict's <partial>.*.jsonl files; a line a kill cut short (or any line that is
+    not a whole [rows, scores] pair of rows below n) is skipped, so those rows are scored again."""
+    for path in sorted(glob.glob(glob.escape(partial) + ".*.jsonl")) if partial else ():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    idx, s = json.loads(line)
+                    idx, s = np.asarray(idx, dtype=np.int64), np.asarray(s, dtype=np.float32)
+                except (ValueError, TypeError):
+                    continue
+                if idx.ndim == 1 and idx.shape == s.shape and len(idx) and 0 <= idx.min() and idx.max() < n:
+                    yield idx, s
 
 
 def load_trained(path, expected, what):

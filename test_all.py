@@ -5,6 +5,7 @@ from the optional asset folder CORA_SHARED (default ../shared); tests that need 
 (std ~0.3) so that layout bugs show. Ordered as the code is read: llama -> CoRA -> baselines -> CF models and metrics
 -> data -> training, robustness, analyses. Run: python -m pytest -q test_all.py
 """
+import collections
 import fcntl
 import functools
 import gzip
@@ -1442,6 +1443,48 @@ def test_kill_and_resume_equals_uninterrupted_and_same_seed_is_deterministic(tmp
     assert hist["a"][0] == list(train_hist_columns())[:-1] and [r[0] for r in hist["a"][1:]] == ["6", "12"]
     assert hist["killed"] == hist["a"] == hist["b"]  # the history survives --resume, row for row
     assert not (runs["killed"] / "toy" / "cora-qkvo" / "history.running.tsv").exists()
+
+
+def test_a_run_killed_while_validating_resumes_in_that_validation(tmp_path, toy_llm, monkeypatch):
+    """A run stopped in the middle of a validation's scoring (an exception from the 3rd valid batch stands in for a
+    kill: the files are what a kill leaves) resumes in that validation: no train step is redone, no valid batch is
+    scored twice, a line a kill cut short and another run's partial file are ignored, and everything it writes
+    equals an uninterrupted run's."""
+    argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "8", "--eval-every", "4", "--ckpt-every", "3",
+            "--train-limit", "200", "--valid-limit", "60", "--test-limit", "60", "--batch-size", "16",
+            "--warmup", "2", "--eval-batch-size", "8", "--threads", "1"]
+    calls, real = collections.Counter(), collm.collate
+
+    def collate(*a, **kw):  # counts train and scoring batches; raises at the chosen scoring batch
+        kind = "train" if torch.is_grad_enabled() else "score"
+        calls[kind] += 1
+        if kind == "score" and calls[kind] == calls.get("stop_at"):
+            raise RuntimeError("stopped")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(collm, "collate", collate)
+    train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "a")]))
+    whole, calls = dict(calls), collections.Counter(stop_at=8 + 3)  # 8 = the 60 valid rows in batches of 8
+    with pytest.raises(RuntimeError, match="stopped"):
+        train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "k")]))
+    run = tmp_path / "k" / "toy" / "cora-qkvo"
+    meta = json.loads(safe_open(run / "state.safetensors", "pt").metadata()["state"])
+    assert meta["validating"] and meta["step"] == 8 and len(meta["history"]) == 1
+    (partial,) = run.glob("valid.step8.*.partial.0.jsonl")
+    assert len(partial.read_text().split("\n")) == 1 + 2  # the two batches scored before the stop, a line each
+    with open(partial, "a") as f:
+        f.write("\n[[1, 2], [0.5")  # a line a kill cut short
+    (run / partial.name.replace(meta["run"], "deadbeef")).write_text(json.dumps([list(range(60)), [9.0] * 60]))
+    first = dict(calls)
+    calls = collections.Counter()
+    train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "k"), "--resume"]))
+    assert first["train"] + calls["train"] == whole["train"]  # no step trained twice
+    assert first["score"] - 1 + calls["score"] == whole["score"]  # no batch scored twice (the stopped one was not)
+    done = tmp_path / "a" / "toy" / "cora-qkvo"
+    assert (run / "predictions.tsv").read_text() == (done / "predictions.tsv").read_text()
+    cut = lambda p: [line.split("\t")[:-1] for line in p.read_text().splitlines()]  # all but the throughput
+    assert cut(run / "history.tsv") == cut(done / "history.tsv")
+    assert not list(run.glob("*.partial.*")) and not (run / "state.safetensors").exists()
 
 
 def test_rerun_killed_or_interrupted_leaves_the_finished_run_whole(tmp_path, toy_llm):

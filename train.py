@@ -15,9 +15,11 @@ clipping (--clip; none by default, as officially), validation every --eval-every
 after --patience validations without gain, test metrics of the best state. Each validation appends a row to
 history.tsv; the run prints a learning curve at the end. --train-limit / --valid-limit / --test-limit take seeded
 subsets for CPU-sized runs. Every --ckpt-every steps it saves state.safetensors (weights, AdamW moments, best weights,
-RNG states, counters, history); --resume continues bit-exactly. A NaN/inf loss or gradient stops the run naming the
-step and that checkpoint. --dtype auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16
-(llama.resolve_dtype); trainable weights, optimizer state, logits and loss are fp32 whatever it is.
+RNG states, counters, history), and at the start and end of each validation; --resume continues bit-exactly, in
+the validation it was at (the scores of its finished batches are kept as they come: validate, collm.predict), and
+the test scoring likewise. A NaN/inf loss or gradient stops the run naming the step and that checkpoint. --dtype
+auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16 (llama.resolve_dtype); trainable weights,
+optimizer state, logits and loss are fp32 whatever it is.
 
 Run folders <out>/<data>/<run> are written and checked by data.py (commit_run, check_run, run_lock): a finished run
 stays whole until a new one commits, a second writer is refused, every reader checks the digests. LLM methods
@@ -28,10 +30,12 @@ files. Ctrl-C exits with code 130, naming the last checkpoint and the command th
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -261,7 +265,8 @@ HISTORY = ("step", "epoch", "lr", "train_loss", "grad_norm", "valid_auc", "valid
 
 
 def history_tsv(rows, header=True):
-    """The rows of a run's history.tsv: one per validation; train loss and gradient norm are means since the last."""
+    """The rows of a run's history.tsv: one per validation; train loss, gradient norm and train examples/s are over
+    the steps since the last (the validations' own time left out)."""
     fmt = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
     lines = ["\t".join(HISTORY)] * header + ["\t".join(fmt(r[k]) for k in HISTORY) for r in rows]
     return "".join(line + "\n" for line in lines)
@@ -341,13 +346,20 @@ def setup(args):
     r.total = min(n for n in (args.max_steps, args.epochs * steps_per_epoch) if n)  # also the cosine's horizon
     # counters: step, the step its epoch began at (seeds the epoch's batch order), batches done in that epoch, the
     # sums of train loss and gradient norm over the steps since the last validation (for history.tsv), and the wall
-    # time of the invocations before this one (a resumed run's wall time is the sum of its invocations')
+    # time of the invocations before this one (a resumed run's wall time is the sum of its invocations'); whether a
+    # validation was under way and the train throughput it logs; the run's id, which names its partial score files
     r.best, r.history = None, []  # history: one row per validation (HISTORY), kept in the checkpoint
-    r.c = dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0, wall_s=0.0)
+    r.c = dict(step=0, epoch_start=0, pos=0, best_auc=-1.0, bad=0, loss_sum=0.0, norm_sum=0.0, since=0, wall_s=0.0,
+               validating=False, train_ex_s=0.0, run=secrets.token_hex(4))
     if args.resume:
         r.best, meta = load_state(r.state_path, r.model, r.opt, args)
         r.c, r.history = {**r.c, **{k: meta[k] for k in r.c if k in meta}}, meta.get("history", [])
-        r.log(f"resumed from {r.state_path} at step {r.c['step']} (best valid auc {r.c['best_auc']:.4f})")
+        r.log(f"resumed from {r.state_path} at step {r.c['step']} (best valid auc {r.c['best_auc']:.4f})"
+              + (", in the validation it was at" if r.c["validating"] else ""))
+    if r.world > 1:  # one id on every rank
+        run_id = [r.c["run"]]
+        dist.broadcast_object_list(run_id, src=0)
+        r.c["run"] = run_id[0]
     r.wall = lambda: r.c["wall_s"] + time.time() - r.t0  # this run's wall time so far, over every invocation
     if r.rank == 0:  # the finished run's history.tsv stays whole until commit; this one grows meanwhile
         os.makedirs(r.out, exist_ok=True)
@@ -371,6 +383,8 @@ def train(args, r):
     micro-batches, clip, AdamW step; validate and log every --eval-every steps, checkpoint every --ckpt-every."""
     c, (seqs, slots), rank, world = r.c, r.enc["train"], r.rank, r.world
     t_start, seen, skipped, out_of_time = time.time(), 0, 0, False
+    if c["validating"]:  # resumed from the checkpoint a validation began with: that validation comes first
+        validate(args, r)
     since = dict(rows=0, t=time.time())  # train rows and time since the last validation (or resume): throughput
     for group in epoch_batches(c, [len(s) for s in seqs], args.batch_size * args.accum, args.seed):
         if c["step"] >= r.total or c["bad"] >= args.patience or out_of_time:
@@ -415,26 +429,42 @@ def train(args, r):
         step = c["step"]
         # validate and log at intervals (and at the end); checkpoint every --ckpt-every steps and at each validation
         out_of_time = bool(args.max_minutes) and time.time() - t_start > 60 * args.max_minutes
-        evaluate = step % args.eval_every == 0 or step == r.total or out_of_time
-        if evaluate:
-            row = validate(args, r, since)
+        if step % args.eval_every == 0 or step == r.total or out_of_time:
+            c["train_ex_s"] = since["rows"] / (time.time() - since["t"])
+            validate(args, r, hours=(r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600)
             since = dict(rows=0, t=time.time())
-            hours = (r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600  # at this pace
-            r.log(f"step {step}/{r.total} loss {row['train_loss']:.4f} lr {lr_at(step, args, r.total):.2e} valid auc "
-                  f"{row['valid_auc']:.4f} uauc {row['valid_uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} "
-                  f"({c['bad']}/{args.patience} without gain) | train {row['train_examples_per_s']:.1f} ex/s, "
-                  f"--max-steps {r.total} in {hours:.1f} h at most")
-        if rank == 0 and (evaluate or step % (args.ckpt_every or args.eval_every) == 0):
-            meta = {**c, "wall_s": r.wall(), "args": vars(args), "history": r.history}
-            save_state(r.state_path, r.model, r.opt, r.best, meta)
+        elif step % (args.ckpt_every or args.eval_every) == 0:
+            checkpoint(args, r)
     if out_of_time:
         r.log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
 
 
-def validate(args, r, since):
-    """Score the valid split, keep the best weights, append a history row (also to history.running.tsv)."""
+def checkpoint(args, r):
+    if r.rank == 0:
+        save_state(r.state_path, r.model, r.opt, r.best, {**r.c, "wall_s": r.wall(), "args": vars(args),
+                                                          "history": r.history})
+
+
+def partial_scores(r, split):
+    """The prefix of collm.predict's partial files for scoring split with this run's weights at this step."""
+    return os.path.join(r.out, f"{split}.step{r.c['step']}.{r.c['run']}.partial")
+
+
+def drop_partial(r):
+    if r.rank == 0:
+        for path in glob.glob(os.path.join(glob.escape(r.out), "*.partial.*.jsonl")):
+            os.remove(path)
+
+
+def validate(args, r, hours=None):
+    """Score the valid split, keep the best weights, append a history row (also to history.running.tsv) and log it.
+    A checkpoint marked "validating" comes first and the scores of finished batches are kept as they come (in
+    <run>/valid.step<N>.<id>.partial.<rank>.jsonl), so a kill costs one batch of scoring; a checkpoint after."""
     c, step = r.c, r.c["step"]
-    scores = collm.predict(r.model, *r.enc["valid"], r.splits["valid"], args.eval_batch_size, r.device)
+    c["validating"] = True
+    checkpoint(args, r)
+    scores = collm.predict(r.model, *r.enc["valid"], r.splits["valid"], args.eval_batch_size, r.device,
+                           partial=partial_scores(r, "valid"))
     valid = cf.evaluate(r.splits["valid"], scores)
     if valid["auc"] > c["best_auc"]:
         c["best_auc"], c["bad"] = valid["auc"], 0
@@ -444,19 +474,26 @@ def validate(args, r, since):
     r.history.append(dict(step=step, epoch=round(step * args.batch_size * args.accum / len(r.splits["train"]), 4),
                           lr=lr_at(step - 1, args, r.total), train_loss=c["loss_sum"] / c["since"],
                           grad_norm=c["norm_sum"] / c["since"], valid_auc=valid["auc"], valid_uauc=valid["uauc"],
-                          train_examples_per_s=since["rows"] / (time.time() - since["t"])))
-    c.update(loss_sum=0.0, norm_sum=0.0, since=0)
+                          train_examples_per_s=c["train_ex_s"]))
+    c.update(loss_sum=0.0, norm_sum=0.0, since=0, validating=False)
+    row = r.history[-1]
+    r.log(f"step {step}/{r.total} loss {row['train_loss']:.4f} lr {lr_at(step, args, r.total):.2e} valid auc "
+          f"{row['valid_auc']:.4f} uauc {row['valid_uauc'] or float('nan'):.4f} best {c['best_auc']:.4f} "
+          f"({c['bad']}/{args.patience} without gain) | train {row['train_examples_per_s']:.1f} ex/s"
+          + (f", --max-steps {r.total} in {hours:.1f} h at most" if hours is not None else ""))
     if r.rank == 0:
         with open(r.running, "a", encoding="utf-8") as f:
             f.write(history_tsv(r.history[-1:], header=False))
-    return r.history[-1]
+    checkpoint(args, r)
+    drop_partial(r)
 
 
 def finish(args, r):
     """Test the best weights; commit the run folder (weights, history, predictions, results.json); print the learning
     curve and the test row beside the CF model's on the same rows."""
     r.model.load_state_dict(r.best, strict=False)
-    scores = collm.predict(r.model, *r.enc["test"], r.splits["test"], args.eval_batch_size, r.device)
+    scores = collm.predict(r.model, *r.enc["test"], r.splits["test"], args.eval_batch_size, r.device,
+                           partial=partial_scores(r, "test"))
     test = cf.evaluate(r.splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=r.c["best_auc"],
                   steps=r.c["step"], trainable_params=sum(p.numel() for p in r.params), wall_time_s=r.wall(),
@@ -472,6 +509,7 @@ def finish(args, r):
     for path in (r.state_path, r.running):  # the run is complete: weights, history, predictions and results remain
         if os.path.isfile(path):
             os.remove(path)
+    drop_partial(r)
     r.log(learning_curve(r.history))
     table = cf.markdown_table(args.method, {"test": test}, result["wall_time_s"])
     cf_dir = data.run_dir(args.out, args.data, args.cf)
