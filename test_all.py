@@ -1312,7 +1312,8 @@ def _train_log(tmp, *argv, threads=1):
     """train.py in a subprocess (stdout + stderr piped, unbuffered)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp), "--threads", str(threads), *argv]
-    return subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as in a shell
 
 
 def _train(tmp, *argv):
