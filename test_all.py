@@ -1404,6 +1404,22 @@ def test_reuse_and_resume_compare_the_global_batch(tmp_path):
     assert train.computes(dict(batch_size=None, accum=None)) == dict(batch_size=None)  # a CF child: tuned batch
 
 
+def test_results_say_why_training_ended(tmp_path, toy_llm):
+    """results.json (and --method all's table) names what ended training: the step limit, early stopping or
+    --max-minutes; a run cut short by time is reported as such, not passed off as converged."""
+    argv = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
+            "50", "--batch-size", "8", "--threads", "1"]
+    cases = {"step limit": ["--max-steps", "3"],
+             "early stopping": ["--max-steps", "40", "--eval-every", "1", "--patience", "1", "--lr", "1e-12",
+                                "--warmup", "0"],
+             "--max-minutes 1e-05": ["--max-steps", "40", "--max-minutes", "0.00001"]}
+    for i, (why, more) in enumerate(cases.items()):
+        res = train.main(train.cli().parse_args(argv + more + ["--out", str(tmp_path / str(i))]))
+        saved = json.load(open(tmp_path / str(i) / "toy" / "tallrec" / "results.json"))
+        assert res["stopped_by"] == saved["stopped_by"] == why, (why, saved["stopped_by"], saved["steps"])
+        assert saved["steps"] == {"step limit": 3, "early stopping": 2, "--max-minutes 1e-05": 1}[why]
+
+
 def train_hist_columns():
     return train.HISTORY
 
@@ -1834,11 +1850,13 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     test = lambda a: {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}
     fake = {"mf": [{"test": test(a), "wall_time_s": 1.0, "best_epoch": 3, "epochs_run": 9, "trainable_params": 5,
                     "peak_memory_mb": 1.0} for a in (0.6, 0.7)],
-            "cora-qkvo": [{"test": test(0.7), "wall_time_s": 5 * 3600.0, "steps": 3200, "trainable_params": 7}]}
+            "cora-qkvo": [{"test": test(0.7), "wall_time_s": 5 * 3600.0, "steps": 3200, "trainable_params": 7,
+                           "stopped_by": "--max-minutes 300"}]}
     table = train.comparison_table("ml-1m", fake)
     assert ("| MF | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | 0.6500 ± 0.0500 | - | - | 0.6486 / 0.6396 | "
             "best epoch 3 of 9 | 1 s | 5 | 1 MB |" in table)
-    assert "| CoRA-MF | 0.7000 | 0.7000 | 0.7000 | - | - | 0.7361 / 0.6884 | 3,200 steps | 5.0 h | 7 | - |" in table
+    assert ("| CoRA-MF | 0.7000 | 0.7000 | 0.7000 | - | - | 0.7361 / 0.6884 | 3,200 steps, --max-minutes 300 | 5.0 h "
+            "| 7 | - |" in table)
 
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):

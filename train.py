@@ -435,8 +435,10 @@ def train(args, r):
             since = dict(rows=0, t=time.time())
         elif step % (args.ckpt_every or args.eval_every) == 0:
             checkpoint(args, r)
-    if out_of_time:
-        r.log(f"stopped by --max-minutes {args.max_minutes} after {c['step']} steps")
+    # why training ended, kept in results.json: a run cut short by time is not passed off as converged
+    r.stopped_by = ("early stopping" if c["bad"] >= args.patience else "step limit" if c["step"] >= r.total
+                    else f"--max-minutes {args.max_minutes:g}")
+    r.log(f"training ended after {c['step']} steps: {r.stopped_by}")
 
 
 def checkpoint(args, r):
@@ -496,11 +498,11 @@ def finish(args, r):
                            partial=partial_scores(r, "test"))
     test = cf.evaluate(r.splits["test"], scores)
     result = dict(method=args.method, data=args.data, args=vars(args), best_valid_auc=r.c["best_auc"],
-                  steps=r.c["step"], trainable_params=sum(p.numel() for p in r.params), wall_time_s=r.wall(),
-                  train_rows=len(r.splits["train"]), test_rows=len(r.splits["test"]), llm=r.folder,
-                  llm_fingerprint=r.fingerprint, device=r.device, dtype=str(r.dtype).removeprefix("torch."),
-                  test=test, peak_memory_mb=cf.peak_memory_mb(), processes=r.world,
-                  stage1=getattr(r.model, "stage1", None))
+                  steps=r.c["step"], stopped_by=r.stopped_by, trainable_params=sum(p.numel() for p in r.params),
+                  wall_time_s=r.wall(), train_rows=len(r.splits["train"]), test_rows=len(r.splits["test"]),
+                  llm=r.folder, llm_fingerprint=r.fingerprint, device=r.device,
+                  dtype=str(r.dtype).removeprefix("torch."), test=test, peak_memory_mb=cf.peak_memory_mb(),
+                  processes=r.world, stage1=getattr(r.model, "stage1", None))
     if r.rank > 0:
         return result
     weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in r.best.items()})
@@ -756,8 +758,11 @@ def comparison_table(data_name, rows, deltas=None):
     {run name: (AUC difference to CoRA, its SE)} (paired_deltas) adds a column."""
     mb = lambda v: f"{v:,.0f} MB" if v else "-"  # runs saved before peak memory was recorded have none
     hours = lambda s: f"{s:.0f} s" if s < 3600 else f"{s / 3600:.1f} h"
-    trained = lambda r: (f"{r['steps']:,} steps" if "steps" in r else  # LLM methods; CF models: epochs
-                         f"best epoch {r['best_epoch']} of {r['epochs_run']}" if "best_epoch" in r else "-")
+
+    def trained(r):  # LLM methods: steps, and why training ended (runs saved before this was recorded: steps alone)
+        if "steps" in r:
+            return f"{r['steps']:,} steps" + (f", {r['stopped_by']}" if r.get("stopped_by") else "")
+        return f"best epoch {r['best_epoch']} of {r['epochs_run']}" if "best_epoch" in r else "-"  # CF models
 
     def stat(rs, key):
         v = [r["test"][key] for r in rs if r["test"][key] is not None]
