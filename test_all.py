@@ -1420,6 +1420,31 @@ def test_results_say_why_training_ended(tmp_path, toy_llm):
         assert saved["steps"] == {"step limit": 3, "early stopping": 2, "--max-minutes 1e-05": 1}[why]
 
 
+def test_resume_with_spent_max_minutes_tests_the_best_weights_without_another_step(tmp_path, toy_llm, monkeypatch):
+    """A run stopped at step 5 (validated at step 4), resumed with a --max-minutes already spent: no step is trained
+    and nothing validated again; its best (step 4) weights are tested, and results.json says why training ended."""
+    argv = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
+            "50", "--batch-size", "8", "--threads", "1", "--max-steps", "40", "--eval-every", "4", "--ckpt-every", "1",
+            "--out", str(tmp_path)]
+    calls, real = collections.Counter(), collm.collate
+
+    def collate(*a, **kw):  # counts train and scoring batches; raises at the 6th train batch
+        calls["train" if torch.is_grad_enabled() else "score"] += 1
+        if torch.is_grad_enabled() and calls["train"] == 6:
+            raise RuntimeError("stopped")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(collm, "collate", collate)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train.main(train.cli().parse_args(argv))
+    calls.clear()
+    res = train.main(train.cli().parse_args(argv + ["--resume", "--max-minutes", "1e-9"]))
+    assert calls["train"] == 0 and calls["score"] > 0  # no step; the test was scored
+    assert (res["steps"], res["stopped_by"]) == (5, "--max-minutes 1e-09")
+    history = (tmp_path / "toy" / "tallrec" / "history.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in history[1:]] == ["4"]  # no validation at step 5
+
+
 def train_hist_columns():
     return train.HISTORY
 
@@ -1879,6 +1904,15 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
     assert abs(res["one"]["test"]["auc"] - res["two"]["test"]["auc"]) < 1e-3
     lora = load_file(tmp_path / "two" / "toy" / "tallrec" / "trainable.safetensors")
     assert max(v.abs().max().item() for k, v in lora.items() if ".B." in k) > 1e-4  # it trained: not a trivial match
+    # --max-minutes under DDP: rank 0's clock ends training on both ranks at the same step (no rank left waiting)
+    timed = [*argv[:argv.index("--max-steps")], "--max-steps", "200", "--max-minutes", "0.002",
+             *argv[argv.index("--max-steps") + 2:]]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        train_py, "--out", str(tmp_path / "timed"), *timed], env=env, cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(tmp_path / "timed" / "toy" / "tallrec" / "results.json"))
+    assert res["stopped_by"] == "--max-minutes 0.002" and 0 < res["steps"] < 200
 
 
 def test_general_ability_scores_match_naive_and_zero_lora_changes_nothing(toy_llm):

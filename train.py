@@ -382,13 +382,22 @@ def train(args, r):
     """Until --max-steps, --patience validations without gain or --max-minutes: forward and backward over the
     micro-batches, clip, AdamW step; validate and log every --eval-every steps, checkpoint every --ckpt-every."""
     c, (seqs, slots), rank, world = r.c, r.enc["train"], r.rank, r.world
-    t_start, seen, skipped, out_of_time = time.time(), 0, 0, False
+    t_start, seen, skipped = time.time(), 0, 0
+
+    def out_of_time():  # --max-minutes spent in this invocation; rank 0's clock decides for every rank
+        if not args.max_minutes:
+            return False
+        up = torch.tensor([float(time.time() - t_start > 60 * args.max_minutes)], device=r.device)
+        if world > 1:
+            dist.broadcast(up, 0)
+        return up.item() > 0
+
     if c["validating"]:  # resumed from the checkpoint a validation began with: that validation comes first
         validate(args, r)
     since = dict(rows=0, t=time.time())  # train rows and time since the last validation (or resume): throughput
     for group in epoch_batches(c, [len(s) for s in seqs], args.batch_size * args.accum, args.seed):
-        if c["step"] >= r.total or c["bad"] >= args.patience or out_of_time:
-            break
+        if c["step"] >= r.total or c["bad"] >= args.patience or out_of_time() and r.history:
+            break  # out of time (once validated): the best weights so far go to the test, with no further step
         c["pos"] += 1
         if len(group) < world * args.accum:  # an epoch's remainder too small for every process and micro-batch
             continue
@@ -428,8 +437,7 @@ def train(args, r):
                  since=c["since"] + 1)
         step = c["step"]
         # validate and log at intervals (and at the end); checkpoint every --ckpt-every steps and at each validation
-        out_of_time = bool(args.max_minutes) and time.time() - t_start > 60 * args.max_minutes
-        if step % args.eval_every == 0 or step == r.total or out_of_time:
+        if step % args.eval_every == 0 or step == r.total or out_of_time():
             c["train_ex_s"] = since["rows"] / (time.time() - since["t"])
             validate(args, r, hours=(r.total - step) * len(group) / (seen / (time.time() - t_start)) / 3600)
             since = dict(rows=0, t=time.time())
@@ -1101,7 +1109,8 @@ def cli():
     g.add_argument("--min-lr", type=nonneg, help="learning rate at the end of the cosine decay")
     g.add_argument("--clip", type=nonneg, help="gradient-norm clipping (0 = none)")
     g.add_argument("--max-steps", type=zero_off, help="optimizer steps at most, the cosine's horizon (0: --epochs)")
-    g.add_argument("--max-minutes", type=nonneg, default=0, help="stop training (validate, then test) after this long")
+    g.add_argument("--max-minutes", type=nonneg, default=0, help="stop training after this long (validate "
+                   "unless just done, then test the best weights); --resume with a tiny value tests them at once")
     g.add_argument("--train-limit", type=zero_off, default=0, help="train on a seeded random subset of this many rows")
     g.add_argument("--valid-limit", type=zero_off, default=0, help="validate on a seeded subset of this many rows")
     g.add_argument("--test-limit", type=zero_off, default=0, help="test on a seeded subset of this many rows")
