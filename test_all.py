@@ -1420,21 +1420,30 @@ def test_results_say_why_training_ended(tmp_path, toy_llm):
         assert saved["steps"] == {"step limit": 3, "early stopping": 2, "--max-minutes 1e-05": 1}[why]
 
 
+def _count_batches(monkeypatch):
+    """Patch collm.collate to count train and scoring batches in the Counter returned; setting its "stop_train" or
+    "stop_score" to n raises RuntimeError("stopped") at the n-th batch of that kind."""
+    calls, real = collections.Counter(), collm.collate
+
+    def collate(*a, **kw):
+        kind = "train" if torch.is_grad_enabled() else "score"
+        calls[kind] += 1
+        if calls[kind] == calls.get(f"stop_{kind}"):
+            raise RuntimeError("stopped")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(collm, "collate", collate)
+    return calls
+
+
 def test_resume_with_spent_max_minutes_tests_the_best_weights_without_another_step(tmp_path, toy_llm, monkeypatch):
     """A run stopped at step 5 (validated at step 4), resumed with a --max-minutes already spent: no step is trained
     and nothing validated again; its best (step 4) weights are tested, and results.json says why training ended."""
     argv = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
             "50", "--batch-size", "8", "--threads", "1", "--max-steps", "40", "--eval-every", "4", "--ckpt-every", "1",
             "--out", str(tmp_path)]
-    calls, real = collections.Counter(), collm.collate
-
-    def collate(*a, **kw):  # counts train and scoring batches; raises at the 6th train batch
-        calls["train" if torch.is_grad_enabled() else "score"] += 1
-        if torch.is_grad_enabled() and calls["train"] == 6:
-            raise RuntimeError("stopped")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(collm, "collate", collate)
+    calls = _count_batches(monkeypatch)
+    calls["stop_train"] = 6
     with pytest.raises(RuntimeError, match="stopped"):
         train.main(train.cli().parse_args(argv))
     calls.clear()
@@ -1495,18 +1504,11 @@ def test_a_run_killed_while_validating_resumes_in_that_validation(tmp_path, toy_
     argv = ["--method", "cora", "--llm", toy_llm, "--max-steps", "8", "--eval-every", "4", "--ckpt-every", "3",
             "--train-limit", "200", "--valid-limit", "60", "--test-limit", "60", "--batch-size", "16",
             "--warmup", "2", "--eval-batch-size", "8", "--threads", "1"]
-    calls, real = collections.Counter(), collm.collate
-
-    def collate(*a, **kw):  # counts train and scoring batches; raises at the chosen scoring batch
-        kind = "train" if torch.is_grad_enabled() else "score"
-        calls[kind] += 1
-        if kind == "score" and calls[kind] == calls.get("stop_at"):
-            raise RuntimeError("stopped")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(collm, "collate", collate)
+    calls = _count_batches(monkeypatch)
     train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "a")]))
-    whole, calls = dict(calls), collections.Counter(stop_at=8 + 3)  # 8 = the 60 valid rows in batches of 8
+    whole = dict(calls)
+    calls.clear()
+    calls["stop_score"] = 8 + 3  # 8 = the 60 valid rows in batches of 8
     with pytest.raises(RuntimeError, match="stopped"):
         train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "k")]))
     run = tmp_path / "k" / "toy" / "cora-qkvo"
@@ -1518,7 +1520,7 @@ def test_a_run_killed_while_validating_resumes_in_that_validation(tmp_path, toy_
         f.write("\n[[1, 2], [0.5")  # a line a kill cut short
     (run / partial.name.replace(meta["run"], "deadbeef")).write_text(json.dumps([list(range(60)), [9.0] * 60]))
     first = dict(calls)
-    calls = collections.Counter()
+    calls.clear()
     train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "k"), "--resume"]))
     assert first["train"] + calls["train"] == whole["train"]  # no step trained twice
     assert first["score"] - 1 + calls["score"] == whole["score"]  # no batch scored twice (the stopped one was not)
@@ -1905,10 +1907,9 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, toy_llm):
     lora = load_file(tmp_path / "two" / "toy" / "tallrec" / "trainable.safetensors")
     assert max(v.abs().max().item() for k, v in lora.items() if ".B." in k) > 1e-4  # it trained: not a trivial match
     # --max-minutes under DDP: rank 0's clock ends training on both ranks at the same step (no rank left waiting)
-    timed = [*argv[:argv.index("--max-steps")], "--max-steps", "200", "--max-minutes", "0.002",
-             *argv[argv.index("--max-steps") + 2:]]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        train_py, "--out", str(tmp_path / "timed"), *timed], env=env, cwd=HERE, capture_output=True,
+                        train_py, "--out", str(tmp_path / "timed"), *argv, "--max-steps", "200", "--max-minutes",
+                        "0.002"], env=env, cwd=HERE, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(tmp_path / "timed" / "toy" / "tallrec" / "results.json"))

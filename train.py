@@ -387,10 +387,12 @@ def train(args, r):
     def out_of_time():  # --max-minutes spent in this invocation; rank 0's clock decides for every rank
         if not args.max_minutes:
             return False
-        up = torch.tensor([float(time.time() - t_start > 60 * args.max_minutes)], device=r.device)
+        up = time.time() - t_start > 60 * args.max_minutes
         if world > 1:
-            dist.broadcast(up, 0)
-        return up.item() > 0
+            t = torch.tensor([float(up)], device=r.device)
+            dist.broadcast(t, 0)
+            up = t.item() > 0
+        return up
 
     if c["validating"]:  # resumed from the checkpoint a validation began with: that validation comes first
         validate(args, r)
