@@ -1436,22 +1436,35 @@ def _count_batches(monkeypatch):
     return calls
 
 
-def test_resume_with_spent_max_minutes_tests_the_best_weights_without_another_step(tmp_path, toy_llm, monkeypatch):
+def test_a_run_cut_short_by_max_minutes_is_tested_kept_reused_and_resumed_bit_exactly(tmp_path, toy_llm, monkeypatch):
     """A run stopped at step 5 (validated at step 4), resumed with a --max-minutes already spent: no step is trained
-    and nothing validated again; its best (step 4) weights are tested, and results.json says why training ended."""
+    and nothing validated again; its best (step 4) weights are tested, results.json says why training ended, --reuse
+    takes it whatever --max-minutes asks, and its checkpoint stays. --resume then trains on to the step limit: the
+    same weights and test scores, bit for bit, as the run never stopped, and the checkpoint goes."""
     argv = ["--method", "tallrec", "--llm", toy_llm, "--train-limit", "64", "--valid-limit", "50", "--test-limit",
-            "50", "--batch-size", "8", "--threads", "1", "--max-steps", "40", "--eval-every", "4", "--ckpt-every", "1",
-            "--out", str(tmp_path)]
-    calls = _count_batches(monkeypatch)
+            "50", "--batch-size", "8", "--threads", "1", "--max-steps", "12", "--eval-every", "4", "--ckpt-every", "1"]
+    cut, run, calls = argv + ["--out", str(tmp_path / "cut")], tmp_path / "cut" / "toy" / "tallrec", _count_batches(
+        monkeypatch)
     calls["stop_train"] = 6
     with pytest.raises(RuntimeError, match="stopped"):
-        train.main(train.cli().parse_args(argv))
+        train.main(train.cli().parse_args(cut))
     calls.clear()
-    res = train.main(train.cli().parse_args(argv + ["--resume", "--max-minutes", "1e-9"]))
+    res = train.main(train.cli().parse_args(cut + ["--resume", "--max-minutes", "1e-9"]))
     assert calls["train"] == 0 and calls["score"] > 0  # no step; the test was scored
     assert (res["steps"], res["stopped_by"]) == (5, "--max-minutes 1e-09")
-    history = (tmp_path / "toy" / "tallrec" / "history.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in history[1:]] == ["4"]  # no validation at step 5
+    assert [line.split("\t")[0] for line in (run / "history.tsv").read_text().splitlines()[1:]] == ["4"]
+    assert (run / "state.safetensors").exists()
+    for more in ([], ["--max-minutes", "60"]):
+        assert train.finished_with(str(run / "results.json"), train.cli().parse_args(argv + more))
+    res = train.main(train.cli().parse_args(cut + ["--resume"]))
+    assert (res["steps"], res["stopped_by"]) == (12, "step limit") and not (run / "state.safetensors").exists()
+    whole = train.main(train.cli().parse_args(argv + ["--out", str(tmp_path / "whole")]))
+    assert res["test"] == whole["test"] and res["best_valid_auc"] == whole["best_valid_auc"]
+    whole_run = tmp_path / "whole" / "toy" / "tallrec"
+    for name in ("trainable.safetensors", "predictions.tsv"):
+        assert (run / name).read_bytes() == (whole_run / name).read_bytes(), name
+    history = lambda p: [line.split("\t")[:-1] for line in (p / "history.tsv").read_text().splitlines()]
+    assert history(run) == history(whole_run)  # all but the throughput column
 
 
 def train_hist_columns():

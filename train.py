@@ -17,8 +17,9 @@ history.tsv; the run prints a learning curve at the end. --train-limit / --valid
 subsets for CPU-sized runs. Every --ckpt-every steps it saves state.safetensors (weights, AdamW moments, best weights,
 RNG states, counters, history), and at the start and end of each validation; --resume continues bit-exactly, in
 the validation it was at (the scores of its finished batches are kept as they come: validate, collm.predict), and
-the test scoring likewise. A NaN/inf loss or gradient stops the run naming the step and that checkpoint. --dtype
-auto keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16 (llama.resolve_dtype); trainable weights,
+the test scoring likewise. A run cut short by --max-minutes is tested and committed and keeps its checkpoint, so
+--resume trains it on. A NaN/inf loss or gradient stops the run naming the step and that checkpoint. --dtype auto
+keeps the frozen LLM in bf16 on CUDA and on CPUs with native bf16 (llama.resolve_dtype); trainable weights,
 optimizer state, logits and loss are fp32 whatever it is.
 
 Run folders <out>/<data>/<run> are written and checked by data.py (commit_run, check_run, run_lock): a finished run
@@ -80,11 +81,11 @@ LLM_DEFAULTS = {
 # The toy LLM (no --llm on --data toy): a few passes, quick validations.
 TOY_LLM = dict(epochs=4, max_steps=0, warmup=50, eval_every=100, patience=5, eval_batch_size=128, batch_size=32)
 # Settings that do not change what a run computes, so --reuse takes a finished run made with other values and
-# --resume continues with new ones; --resume also takes a new --max-minutes (a time limit for this invocation,
-# which --reuse must compare). --batch-size and --accum count by their product (computes).
+# --resume continues with new ones. --max-minutes is one (a time limit for an invocation, not a recipe): the table
+# names a run it cut short, which keeps its checkpoint for --resume. --batch-size and --accum count by their product.
 RUN_CONTROL = {"threads", "out", "resume", "ckpt_every", "skip_nonfinite", "seeds", "lgcn", "sas", "ablation", "reuse",
-               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "eval_batch_size"}
-RESUME_FREE = RUN_CONTROL | {"max_minutes"}
+               "eval_general", "generate", "adapter", "general_text", "bench", "compile", "eval_batch_size",
+               "max_minutes"}
 STAGE1 = ("r", "alpha", "lora_targets")  # what CoLLM's step-1 TALLRec run must share with it
 STARTED = time.time()  # a checkpoint older than this process is not one it saved
 
@@ -239,7 +240,7 @@ def load_state(path, model, opt, args):
         meta = json.loads((f.metadata() or {}).get("state", "null")) or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     saved, now = computes(meta.get("args", {})), computes(vars(args))
-    diff = {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUME_FREE and v != now.get(k)}
+    diff = {k: (v, now.get(k)) for k, v in saved.items() if k not in RUN_CONTROL and v != now.get(k)}
     if "step" not in meta or diff:
         raise ValueError(f"{path}: not a checkpoint of this run (settings that differ, saved vs now: {diff}); "
                          f"resume with the same arguments or start afresh without --resume")
@@ -518,7 +519,9 @@ def finish(args, r):
     weights = safetensors_bytes({k: v.cpu().contiguous() for k, v in r.best.items()})
     data.commit_run(r.out, {"trainable.safetensors": weights, "history.tsv": history_tsv(r.history).encode()},
                     data.predictions_tsv(r.splits["test"], scores), result)
-    for path in (r.state_path, r.running):  # the run is complete: weights, history, predictions and results remain
+    # the run is complete: weights, history, predictions and results remain; one cut short by --max-minutes keeps its
+    # checkpoint too, so --resume trains on from where it stopped (and tests and commits again when it ends)
+    for path in () if r.stopped_by.startswith("--max-minutes") else (r.state_path, r.running):
         if os.path.isfile(path):
             os.remove(path)
     drop_partial(r)
@@ -1112,7 +1115,8 @@ def cli():
     g.add_argument("--clip", type=nonneg, help="gradient-norm clipping (0 = none)")
     g.add_argument("--max-steps", type=zero_off, help="optimizer steps at most, the cosine's horizon (0: --epochs)")
     g.add_argument("--max-minutes", type=nonneg, default=0, help="stop training after this long (validate "
-                   "unless just done, then test the best weights); --resume with a tiny value tests them at once")
+                   "unless just done, test the best weights, keep the checkpoint for --resume); --resume with a tiny "
+                   "value tests them at once")
     g.add_argument("--train-limit", type=zero_off, default=0, help="train on a seeded random subset of this many rows")
     g.add_argument("--valid-limit", type=zero_off, default=0, help="validate on a seeded subset of this many rows")
     g.add_argument("--test-limit", type=zero_off, default=0, help="test on a seeded subset of this many rows")
