@@ -1725,6 +1725,13 @@ def _file(path, text=""):
     return path
 
 
+def _stale_checkpoint(t):
+    """An unfinished run's checkpoint in the toy TALLRec folder (no arguments added)."""
+    (t / "toy" / "tallrec").mkdir(parents=True)
+    _file(t / "toy" / "tallrec" / "state.safetensors")
+    return []
+
+
 def _llm(what):
     return lambda t, l: _broken_llm(t, l, what)
 
@@ -1747,6 +1754,8 @@ BAD_INPUTS = [
     ("missing --llm folder", lambda t, l: ["--llm", str(t / "nowhere")], FileNotFoundError, "--llm"),
     ("batch larger than data", lambda t, l: ["--batch-size", "100000"], ValueError, "--batch-size 100000"),
     ("--out is a file", lambda t, l: ["--out", str(_file(t / "out"))], ValueError, "--out"),
+    ("a fresh run over a checkpoint", lambda t, l: _stale_checkpoint(t), ValueError,
+     "tallrec/state.safetensors is the checkpoint of an unfinished run: continue it with --resume"),
     ("--out below a file", lambda t, l: ["--out", str(_file(t / "out") / "runs")], ValueError, "--out"),
     ("no data folder", lambda t, l: ["--data", "ml-1m", "--data-root", str(t / "nowhere")], FileNotFoundError,
      "nowhere"),
@@ -1852,7 +1861,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, toy_llm, capsys
     state = tmp_path / "toy" / "tallrec" / "state.safetensors"
     assert "step 2: non-finite" in str(e.value) and str(state) in str(e.value) and state.exists()
     with pytest.raises(FloatingPointError, match="10 steps in a row"):
-        train.main(train.cli().parse_args(argv + ["--skip-nonfinite"]))
+        train.main(train.cli().parse_args(argv + ["--skip-nonfinite", "--resume"]))  # from the good step-1 state
 
 
 def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
@@ -1887,6 +1896,14 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     pred = {n: np.loadtxt(tmp_path / "toy" / n / "predictions.tsv", skiprows=1) for n in ("cora-qk", "cora-qkvo")}
     assert deltas["cora-qk"][0] == pytest.approx(cf.auc(pred["cora-qk"][:, 2], pred["cora-qk"][:, 3]) -
                                                  cf.auc(pred["cora-qkvo"][:, 2], pred["cora-qkvo"][:, 3]))
+    # a run cut short by --max-minutes keeps its checkpoint: --reuse --resume trains it on and keeps the others
+    cut = train.main(train.cli().parse_args(same + ["--weight-types", "qk", "--max-minutes", "1e-9"]))
+    qk = tmp_path / "toy" / "cora-qk"
+    assert (cut["steps"], cut["stopped_by"]) == (1, "--max-minutes 1e-09") and (qk / "state.safetensors").exists()
+    log = _train(tmp_path, "--method", "all", "--ablation", "weights", "--reuse", "--resume", *common)
+    assert f"resumed from {qk / 'state.safetensors'} at step 1" in log and log.count("--reuse: ") == 4, log[-3000:]
+    done = json.load(open(qk / "results.json"))
+    assert (done["steps"], done["stopped_by"]) == (2, "step limit") and not (qk / "state.safetensors").exists()
     test = lambda a: {"auc": a, "uauc": a, "warm_auc": a, "cold_auc": None}
     fake = {"mf": [{"test": test(a), "wall_time_s": 1.0, "best_epoch": 3, "epochs_run": 9, "trainable_params": 5,
                     "peak_memory_mb": 1.0} for a in (0.6, 0.7)],

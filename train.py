@@ -243,11 +243,11 @@ def load_state(path, model, opt, args):
     diff = {k: (v, now.get(k)) for k, v in saved.items() if k not in RUN_CONTROL and v != now.get(k)}
     if "step" not in meta or diff:
         raise ValueError(f"{path}: not a checkpoint of this run (settings that differ, saved vs now: {diff}); "
-                         f"resume with the same arguments or start afresh without --resume")
+                         f"resume with the same arguments, or delete it to start afresh")
     own = model.trainable_state()
     weights = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
     if set(weights) != set(own) or any(weights[k].shape != v.shape for k, v in own.items()):
-        raise ValueError(f"{path}: its trainable tensors do not match this model's; start afresh without --resume")
+        raise ValueError(f"{path}: its trainable tensors do not match this model's; delete it to start afresh")
     model.load_state_dict(weights, strict=False)
     sd = {**opt.state_dict(), "state": {}}
     for k, v in t.items():
@@ -318,6 +318,9 @@ def setup(args):
     if args.resume and not os.path.isfile(r.state_path):
         raise FileNotFoundError(f"--resume: no checkpoint {r.state_path} to resume from (the run finished, or never "
                                 f"saved one); run without --resume")
+    if not args.resume and os.path.isfile(r.state_path):  # hours of an unfinished run are not overwritten unasked
+        raise ValueError(f"{r.state_path} is the checkpoint of an unfinished run: continue it with --resume, or delete "
+                         f"it to start afresh")
     r.folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
     llm, r.tok = llama.load(r.folder, r.dtype, r.device)
     llm = llama.compile_elementwise(llm) if args.compile else llm
@@ -727,11 +730,12 @@ def run_all(args):
         for run in runs:
             run = dict(dict(prompt="text", weight_types=args.weight_types), **run)
             cf_only = {k: None for k in HYPER} if run["method"] in CF_METHODS else {}
-            argv = to_argv(args, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None, reuse=False,
-                           **cf_only, **run)
             name = run_name(run["method"], run["cf"], run["weight_types"], run["prompt"])
             path = os.path.join(out, args.data, name, "results.json")
-            if args.reuse and finished_with(path, cli().parse_args(argv)):
+            resume = args.resume and os.path.isfile(os.path.join(out, args.data, name, "state.safetensors"))
+            argv = to_argv(args, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None, reuse=False,
+                           resume=resume, **cf_only, **run)
+            if args.reuse and not resume and finished_with(path, cli().parse_args(argv)):  # --resume: train it on
                 print(f"\n--reuse: {path} was run with these arguments; not run again", flush=True)
             else:
                 print(f"\n$ python train.py {' '.join(argv)}", flush=True)
@@ -1074,7 +1078,8 @@ def cli():
     parser.add_argument("--ablation", choices=("text", "weights"), help="--method all: text = each LLM method also "
                         "with --prompt id-only (paper Fig. 6); weights = CoRA with each --weight-types (paper Table 4)")
     parser.add_argument("--reuse", action="store_true", help="--method all: keep a finished run (results.json) made "
-                        "with the same arguments instead of training it again")
+                        "with the same arguments instead of training it again; with --resume, every run that holds a "
+                        "checkpoint (interrupted, or cut short by --max-minutes) trains on from it")
     parser.add_argument("--prompt", default="text", choices=("text", "id-only"),
                         help="id-only: every title becomes \"item <id>\" (paper Fig. 6)")
     parser.add_argument("--data", default="toy", choices=("toy", "ml-1m", "amazon-book"))
@@ -1120,7 +1125,8 @@ def cli():
     g.add_argument("--train-limit", type=zero_off, default=0, help="train on a seeded random subset of this many rows")
     g.add_argument("--valid-limit", type=zero_off, default=0, help="validate on a seeded subset of this many rows")
     g.add_argument("--test-limit", type=zero_off, default=0, help="test on a seeded subset of this many rows")
-    g.add_argument("--resume", action="store_true", help="continue from <run>/state.safetensors (same arguments)")
+    g.add_argument("--resume", action="store_true", help="continue from <run>/state.safetensors (same arguments); "
+                   "without it a run refuses a folder that holds one")
     g.add_argument("--ckpt-every", type=zero_off, default=0, help="steps between checkpoints (0: --eval-every)")
     g.add_argument("--skip-nonfinite", action="store_true", help="drop a step whose loss or gradient is NaN/inf "
                    "instead of stopping")
