@@ -136,6 +136,11 @@ def llm_run_dir(args):
     return data.run_dir(args.out, args.data, run_name(args.method, args.cf, args.weight_types, args.prompt))
 
 
+def checkpointed(folder):
+    """Whether a run folder holds the checkpoint of an unfinished run (which --resume trains on)."""
+    return os.path.isfile(os.path.join(folder, "state.safetensors"))
+
+
 def weights_file(method):
     """The weights file of a run folder: cf.safetensors for CF models, trainable.safetensors for LLM methods."""
     return "cf.safetensors" if method in CF_METHODS else "trainable.safetensors"
@@ -196,8 +201,8 @@ def build_llm_method(args, ds, llm, tok, yes_no, fingerprint):
         tallrec = data.run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))
         if not os.path.isfile(os.path.join(tallrec, "results.json")):  # step 1 = TALLRec, trained first when absent
             print(f"CoLLM step 1: no finished TALLRec run in {tallrec}; training it first")
-            resume = args.resume and os.path.isfile(os.path.join(tallrec, "state.safetensors"))
-            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": resume}))
+            run_llm(argparse.Namespace(**{**vars(args), "method": "tallrec", "resume": args.resume and
+                                          checkpointed(tallrec)}))
         res = data.check_run(tallrec, "trainable.safetensors")
         diff = {k: (res["args"].get(k), vars(args)[k]) for k in STAGE1 if res["args"].get(k) != vars(args)[k]}
         if diff or res.get("llm_fingerprint") != fingerprint:
@@ -450,6 +455,7 @@ def train(args, r):
         elif step % (args.ckpt_every or args.eval_every) == 0:
             checkpoint(args, r)
     # why training ended, kept in results.json: a run cut short by time is not passed off as converged
+    r.cut_short = c["bad"] < args.patience and c["step"] < r.total  # by --max-minutes: the checkpoint stays
     r.stopped_by = ("early stopping" if c["bad"] >= args.patience else "step limit" if c["step"] >= r.total
                     else f"--max-minutes {args.max_minutes:g}")
     r.log(f"training ended after {c['step']} steps: {r.stopped_by}")
@@ -524,7 +530,7 @@ def finish(args, r):
                     data.predictions_tsv(r.splits["test"], scores), result)
     # the run is complete: weights, history, predictions and results remain; one cut short by --max-minutes keeps its
     # checkpoint too, so --resume trains on from where it stopped (and tests and commits again when it ends)
-    for path in () if r.stopped_by.startswith("--max-minutes") else (r.state_path, r.running):
+    for path in () if r.cut_short else (r.state_path, r.running):
         if os.path.isfile(path):
             os.remove(path)
     drop_partial(r)
@@ -731,8 +737,8 @@ def run_all(args):
             run = dict(dict(prompt="text", weight_types=args.weight_types), **run)
             cf_only = {k: None for k in HYPER} if run["method"] in CF_METHODS else {}
             name = run_name(run["method"], run["cf"], run["weight_types"], run["prompt"])
-            path = os.path.join(out, args.data, name, "results.json")
-            resume = args.resume and os.path.isfile(os.path.join(out, args.data, name, "state.safetensors"))
+            folder = data.run_dir(out, args.data, name)
+            path, resume = os.path.join(folder, "results.json"), args.resume and checkpointed(folder)
             argv = to_argv(args, seed=seed, out=out, seeds=1, lgcn=False, sas=False, ablation=None, reuse=False,
                            resume=resume, **cf_only, **run)
             if args.reuse and not resume and finished_with(path, cli().parse_args(argv)):  # --resume: train it on
@@ -995,7 +1001,8 @@ def init_distributed(args):
 def interrupted(args):
     """What Ctrl-C leaves to say: the last checkpoint a run saved and the command that continues from it."""
     if args.method == "all":
-        return "interrupted; the same command with --reuse keeps the runs that finished"
+        return ("interrupted; the same command with --reuse --resume keeps the finished runs and trains on the one "
+                "with a checkpoint")
     if args.method in CF_METHODS or args.bench or args.eval_general or args.generate:
         return "interrupted (nothing to continue: only LLM methods save checkpoints)"
     folders = [llm_run_dir(args)] + [data.run_dir(args.out, args.data, run_name("tallrec", prompt=args.prompt))] * (
