@@ -320,10 +320,11 @@ def setup(args):
         raise ValueError(f"--batch-size {args.batch_size} x --accum {args.accum} is larger than the "
                          f"{len(r.splits['train'])} train rows")
     r.state_path, r.running = (os.path.join(r.out, f) for f in ("state.safetensors", "history.running.tsv"))
-    if args.resume and not os.path.isfile(r.state_path):
+    held = checkpointed(r.out)
+    if args.resume and not held:
         raise FileNotFoundError(f"--resume: no checkpoint {r.state_path} to resume from (the run finished, or never "
                                 f"saved one); run without --resume")
-    if not args.resume and os.path.isfile(r.state_path):  # hours of an unfinished run are not overwritten unasked
+    if not args.resume and held:  # hours of an unfinished run are not overwritten unasked
         raise ValueError(f"{r.state_path} is the checkpoint of an unfinished run: continue it with --resume, or delete "
                          f"it to start afresh")
     r.folder = args.llm or rank0_first(toy_llm, ds, os.path.join(args.out, args.data))
@@ -456,8 +457,8 @@ def train(args, r):
             checkpoint(args, r)
     # why training ended, kept in results.json: a run cut short by time is not passed off as converged
     r.cut_short = c["bad"] < args.patience and c["step"] < r.total  # by --max-minutes: the checkpoint stays
-    r.stopped_by = ("early stopping" if c["bad"] >= args.patience else "step limit" if c["step"] >= r.total
-                    else f"--max-minutes {args.max_minutes:g}")
+    r.stopped_by = (f"--max-minutes {args.max_minutes:g}" if r.cut_short else "early stopping"
+                    if c["bad"] >= args.patience else "step limit")
     r.log(f"training ended after {c['step']} steps: {r.stopped_by}")
 
 
