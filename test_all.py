@@ -1891,6 +1891,7 @@ def test_method_all_runs_every_method_and_writes_one_table(tmp_path, toy_llm):
     assert rows["cora-qk"][0]["trainable_params"] < rows["cora-qkvof"][0]["trainable_params"]
     table = (tmp_path / "toy" / "all.md").read_text()
     assert "| CoRA-MF (qkvof) |" in table and "| AUC - CoRA-MF (paired SE) |" in table
+    assert re.search(r"\| CoRA-MF \|( [^|]+ \|){4} reference \|", table) and table.count(" reference |") == 1, table
     deltas = json.load(open(tmp_path / "toy" / "all.json"))["auc_minus_cora_paired_se"]
     assert deltas["cora-qkvo"] == [0.0, 0.0] and set(deltas) == set(rows)  # all scored the same 64 test rows
     pred = {n: np.loadtxt(tmp_path / "toy" / n / "predictions.tsv", skiprows=1) for n in ("cora-qk", "cora-qkvo")}

@@ -753,7 +753,7 @@ def run_all(args):
                 rows.setdefault(name, []).append(json.load(f))
     ref = run_name("cora", args.cf if args.ablation == "weights" else "mf", args.weight_types)  # CoRA-MF, qkvo
     deltas = cf.paired_deltas(os.path.join(args.out, args.data), rows, ref) if len(seeds) == 1 else {}
-    table = comparison_table(args.data, rows, deltas)
+    table = comparison_table(args.data, rows, deltas, ref)
     summary = {"data": args.data, "seeds": seeds, "wall_time_s": time.time() - t0, "command": to_argv(args),
                "rows": {k: [dict(seed=r["args"]["seed"], test=r["test"], wall_time_s=r["wall_time_s"],
                                  trainable_params=r.get("trainable_params"), peak_memory_mb=r.get("peak_memory_mb"))
@@ -777,9 +777,9 @@ def finished_with(path, child):
     return all(stored[k] == v for k, v in child.items() if k in stored and v is not None and k not in RUN_CONTROL)
 
 
-def comparison_table(data_name, rows, deltas=None):
+def comparison_table(data_name, rows, deltas=None, ref="cora-qkvo"):
     """{run name: [results.json of each seed]} -> markdown in the layout of the paper's Table 3; deltas
-    {run name: (AUC difference to CoRA, its SE)} (paired_deltas) adds a column."""
+    {run name: (AUC difference to run ref, its SE)} (paired_deltas) fills a column; ref's own row reads "reference"."""
     mb = lambda v: f"{v:,.0f} MB" if v else "-"  # runs saved before peak memory was recorded have none
     hours = lambda s: f"{s:.0f} s" if s < 3600 else f"{s / 3600:.1f} h"
 
@@ -794,13 +794,14 @@ def comparison_table(data_name, rows, deltas=None):
             return "-"
         return f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")
     paper, deltas = PAPER.get(data_name, {}), deltas or {}
-    header = ["method", "AUC", "UAUC", "warm AUC", "cold AUC", "AUC - CoRA-MF (paired SE)", "paper AUC / UAUC",
-              "training", "wall time", "trainable params", "peak memory"]
+    header = ["method", "AUC", "UAUC", "warm AUC", "cold AUC", f"AUC - {DISPLAY.get(ref, ref)} (paired SE)",
+              "paper AUC / UAUC", "training", "wall time", "trainable params", "peak memory"]
     cells = []
     for name, rs in rows.items():
         p, d = paper.get(name), deltas.get(name)
         cells.append([DISPLAY.get(name, name), *(stat(rs, k) for k in ("auc", "uauc", "warm_auc", "cold_auc")),
-                      f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-", f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
+                      "reference" if d and name == ref else f"{d[0]:+.4f} ± {d[1]:.4f}" if d else "-",
+                      f"{p[0]:.4f} / {p[1]:.4f}" if p else "-",
                       trained(rs[0]), hours(np.mean([r["wall_time_s"] for r in rs])),
                       f"{rs[0].get('trainable_params', 0):,}",
                       mb(max(r.get("peak_memory_mb") or 0 for r in rs))])
