@@ -1356,6 +1356,12 @@ def test_schedule_official_horizon_no_clipping_and_generator_init():
     assert (a.max_steps, a.epochs, a.clip, a.batch_size, a.eval_every, a.r) == (100_000, 0, 0.0, 8, 100, 16)
     assert (t.max_steps, t.batch_size, t.eval_every, t.r, t.alpha) == (10_000, 32, 50, 8, 16.0)
     assert (s.max_steps, s.batch_size, s.eval_every, s.r, s.alpha) == (10_000, 16, 50, 64, 128.0)
+    # early stopping waits the official 20 evaluations' span of steps (CoRA 2,000, the others 1,000) at any interval
+    assert (a.patience, t.patience, s.patience) == (20, 20, 20)
+    every = lambda method, n, *more: parse("--method", method, "--eval-every", str(n), *more).patience
+    assert (every("cora", 200), every("tallrec", 200), every("collm", 200), every("cora", 200, "--cf", "sasrec")) == \
+           (10, 5, 5, 5)
+    assert (every("cora", 3000), every("tallrec", 25), every("cora", 200, "--patience", "3")) == (1, 40, 3)
     g = cora.QueryGenerator(64, n_queries=4, n_blocks=2, n_heads=4, ffn_dim=256)
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Linear)])
     b = torch.cat([m.bias for m in g.modules() if isinstance(m, torch.nn.Linear)])

@@ -93,7 +93,12 @@ STARTED = time.time()  # a checkpoint older than this process is not one it save
 def fill_llm_defaults(args):
     """The official schedule (LLM_BASE, LLM_DEFAULTS; TOY_LLM for the toy LLM) for every option left unset."""
     own = LLM_DEFAULTS.get(f"{args.method}-{args.cf}", LLM_DEFAULTS[args.method])  # CoRA-LGCN / -SAS: their own
-    defaults = {**LLM_BASE, **own, **(TOY_LLM if args.data == "toy" and not args.llm else {})}
+    toy = TOY_LLM if args.data == "toy" and not args.llm else {}
+    # patience: the official 20 evaluations as a span of steps (CoRA 2,000; TALLRec/CoLLM, CoRA-LGCN/-SAS 1,000), so
+    # a longer --eval-every waits as long without gain before stopping, in fewer validations
+    span = LLM_BASE["patience"] * own["eval_every"]
+    patience = max(1, round(span / (args.eval_every or toy.get("eval_every") or own["eval_every"])))
+    defaults = {**LLM_BASE, "patience": patience, **own, **toy}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1101,7 +1106,8 @@ def cli():
     parser.add_argument("--dim", type=natural, help="CF embedding size")
     parser.add_argument("--batch-size", type=natural, help="rows per (micro-)batch; LLM methods: a step "
                         "reads --batch-size x --accum rows")
-    parser.add_argument("--patience", type=natural, help="evaluations without a better valid AUC before stopping")
+    parser.add_argument("--patience", type=natural, help="evaluations without a better valid AUC before stopping "
+                        "(LLM default: the official span, CoRA 2,000 steps, TALLRec/CoLLM 1,000, over --eval-every)")
     parser.add_argument("--init-std", type=positive, help="CF embedding init std (default: per data/method, see above)")
     parser.add_argument("--threads", type=natural, default=None, help="torch CPU threads (CF default 1)")
     g = parser.add_argument_group("LLM methods (tallrec, collm, cora)")
