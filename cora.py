@@ -30,7 +30,7 @@ Deviation: the official code multiplies every target's input by the same (B, d_m
 fit down_proj (input width d_ffn). Here down_proj gets its own factor from a second head W_FC^f: 2d -> d_ffn * r.
 Deviation, optional (--cf-norm standard, the default with SASRec only): x is standardised per feature with fixed
 train-set statistics (RecLLM.cf_features in collm.py). Read raw, SASRec's features hardly vary, and W_c collapses
-to one shared LoRA (README, "SASRec, the third CF model").
+to one shared LoRA (README, "Where we differ from the official code").
 Note (not a deviation): with a single CF token, cross-attention's softmax is over one key, so its output is
 the same linear map of x for every query; the queries differ through their own embeddings and self-attention.
 """
