@@ -1362,6 +1362,8 @@ def test_schedule_official_horizon_no_clipping_and_generator_init():
     assert (every("cora", 200), every("tallrec", 200), every("collm", 200), every("cora", 200, "--cf", "sasrec")) == \
            (10, 5, 5, 5)
     assert (every("cora", 3000), every("tallrec", 25), every("cora", 200, "--patience", "3")) == (1, 40, 3)
+    toy = train.fill_llm_defaults(train.cli().parse_args(["--method", "cora", "--eval-every", "7"]))  # toy LLM: its own
+    assert (toy.patience, toy.eval_every) == (5, 7)
     g = cora.QueryGenerator(64, n_queries=4, n_blocks=2, n_heads=4, ffn_dim=256)
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Linear)])
     b = torch.cat([m.bias for m in g.modules() if isinstance(m, torch.nn.Linear)])

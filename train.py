@@ -95,9 +95,9 @@ def fill_llm_defaults(args):
     own = LLM_DEFAULTS.get(f"{args.method}-{args.cf}", LLM_DEFAULTS[args.method])  # CoRA-LGCN / -SAS: their own
     toy = TOY_LLM if args.data == "toy" and not args.llm else {}
     # patience: the official 20 evaluations as a span of steps (CoRA 2,000; TALLRec/CoLLM, CoRA-LGCN/-SAS 1,000), so
-    # a longer --eval-every waits as long without gain before stopping, in fewer validations
+    # a longer --eval-every waits as long without gain before stopping, in fewer validations (the toy LLM: its own)
     span = LLM_BASE["patience"] * own["eval_every"]
-    patience = max(1, round(span / (args.eval_every or toy.get("eval_every") or own["eval_every"])))
+    patience = max(1, round(span / (args.eval_every or own["eval_every"])))
     defaults = {**LLM_BASE, "patience": patience, **own, **toy}
     for k, v in defaults.items():
         if getattr(args, k) is None:
