@@ -2022,4 +2022,7 @@ def test_generate_semantic_disruption_end_to_end(tmp_path, toy_llm, capsys):
     ppl, examples = train.semantic_disruption(args, max_new_tokens=5)
     assert list(ppl) == ["base LLM", "base LLM, CoLLM's prompt", *runs] and len(examples) == 3
     assert all(len(t) == 4 for _, t in examples)
-    assert "| base LLM |" in capsys.readouterr().out
+    empty = [sum(not t[k].strip() for _, t in examples) for k in range(4)]  # an empty answer: no perplexity, counted
+    out = capsys.readouterr().out
+    for k, (name, p) in enumerate(ppl.items()):
+        assert f"| {name} | {p:.2f} | {empty[k]} of 3 |" in out, out

@@ -968,10 +968,13 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
             row[said] = -lp.cpu().numpy()
         nll.append(row)
         examples.append((title, texts))
-    ppl = np.exp(np.nanmean(np.array(nll), 0))
+    nll = np.array(nll)  # (pairs, LLMs), NaN where the answer is empty (the LLM said EOS at once)
+    empty = np.isnan(nll).sum(0)
+    ppl = np.where(empty < len(uid), np.exp(np.nansum(nll, 0) / np.maximum(len(uid) - empty, 1)), np.nan)
     print(f"semantic disruption: {len(uid)} test pairs of {ds.name}, greedy, {max_new_tokens} new tokens at most; "
           f"answers scored by the base LLM given the plain question")
-    print(cf.table(["LLM as left by", "perplexity of its answers"], [[n, f"{p:.2f}"] for n, p in zip(names, ppl)]))
+    print(cf.table(["LLM as left by", "perplexity of its answers", "empty answers"],
+                   [[n, f"{p:.2f}", f"{e} of {len(uid)}"] for n, p, e in zip(names, ppl, empty)]))
     for title, texts in examples[:show]:
         print(f"\n{QUESTION.format(item=item, title=title)}")
         print("\n".join(f"  {n}: {t.strip()!r}" for n, t in zip(names, texts)))
