@@ -970,7 +970,8 @@ def semantic_disruption(args, max_new_tokens=24, show=3):
         examples.append((title, texts))
     nll = np.array(nll)  # (pairs, LLMs), NaN where the answer is empty (the LLM said EOS at once)
     empty = np.isnan(nll).sum(0)
-    ppl = np.where(empty < len(uid), np.exp(np.nansum(nll, 0) / np.maximum(len(uid) - empty, 1)), np.nan)
+    with np.errstate(invalid="ignore"):  # 0 / 0: an LLM whose answers are all empty has no perplexity (NaN)
+        ppl = np.exp(np.nansum(nll, 0) / (len(uid) - empty))
     print(f"semantic disruption: {len(uid)} test pairs of {ds.name}, greedy, {max_new_tokens} new tokens at most; "
           f"answers scored by the base LLM given the plain question")
     print(cf.table(["LLM as left by", "perplexity of its answers", "empty answers"],
